@@ -1,0 +1,22 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+# torch==2.13.0 is installed first and explicitly: any other resolution of `torch` pulls a CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	touch $@
+
+.PHONY: install demo test test-slow
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/flowseg demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
