@@ -1,0 +1,280 @@
+"""The pixel neural-field transformer (PixNerd-style) and its discriminative twin.
+
+    tokens  s_0 = W_patch patchify(avgpool_qs(u)) + b       u = [x_t, I]: network input (B, c_in, H, W)
+    time    e_t = MLP(sinusoid(t)),  c = SiLU(e_t)
+    trunk   s_{l+1} = TrunkBlock(s_l, c)                     adaLN-Zero DiT blocks, 2-D RoPE
+    field   per patch token s = SiLU(s_L + e_t) and each of its query pixels (i, j):
+            h_0 = W_in [u(i, j), DCT(i, j)],  h_{k+1} = FieldBlock_k(h_k; s),  out = W_out RMSNorm(h_K)
+
+query_scale = qs: the inputs come at the query resolution (H, W). The trunk sees them area-downsampled
+by qs, so each token covers a (p qs) x (p qs) block of query pixels; the field decoder evaluates every
+one of them with that pixel's own input values and its DCT position on the finer grid. qs = 1 is
+ordinary use; qs = 2 gives a label map at twice the resolution the trunk works at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowseg.models.layers import (
+    NORM_EPS,
+    FieldBlock,
+    TimestepEmbedder,
+    TrunkBlock,
+    dct_features,
+    rope_2d_angles,
+)
+
+IMAGE_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    name: str
+    width: int  # C, trunk token width
+    heads: int
+    depth: int  # trunk blocks
+    field_depth: int  # neural-field blocks
+    patch_size: int  # p
+    field_width: int = 64  # c, per-pixel hidden width of the field MLP
+    field_mlp_ratio: int = 2  # the field MLP's hidden layer is field_mlp_ratio * c wide
+    mlp_ratio: float = 4.0  # trunk SwiGLU sized like a mlp_ratio * C GELU MLP
+    dct_freqs: int = 8  # F, the field sees F^2 DCT position features
+
+
+SIZES: dict[str, ModelSize] = {
+    size.name: size
+    for size in (
+        ModelSize("T/8", width=128, heads=4, depth=4, field_depth=2, patch_size=8, field_width=32),
+        ModelSize("S/8", width=256, heads=4, depth=8, field_depth=2, patch_size=8, field_width=32),
+        ModelSize("B/16", width=768, heads=12, depth=12, field_depth=2, patch_size=16),
+        # PixNerd's shapes (configs pix256std1_repa_pixnerd_{large,xl}): hidden 64, nerf_mlpratio 2
+        ModelSize("L/16", width=1024, heads=16, depth=22, field_depth=2, patch_size=16),
+        ModelSize("XL/16", width=1152, heads=16, depth=26, field_depth=4, patch_size=16),
+    )
+}
+
+
+def resolve_size(size: str | ModelSize) -> ModelSize:
+    if isinstance(size, ModelSize):
+        return size
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; expected one of {sorted(SIZES)}")
+    return SIZES[size]
+
+
+# ---------------------------------------------------------------------------------------------
+# patches
+
+
+def patchify(x: Tensor, side: int) -> Tensor:
+    """(B, c, H, W) -> (B, L, c, side^2): L = (H / side)(W / side) patches, row-major everywhere."""
+    batch, channels, height, width = x.shape
+    x = x.view(batch, channels, height // side, side, width // side, side)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels, side * side)
+
+
+def unpatchify(patches: Tensor, grid_h: int, grid_w: int) -> Tensor:
+    """(B, L, side^2, c) -> (B, c, grid_h * side, grid_w * side), the inverse of patchify's layout."""
+    batch, _, pixels, channels = patches.shape
+    side = int(pixels**0.5)
+    x = patches.view(batch, grid_h, grid_w, side, side, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, grid_h * side, grid_w * side)
+
+
+# ---------------------------------------------------------------------------------------------
+# the field decoder
+
+
+class NeuralFieldDecoder(nn.Module):
+    """Maps each patch token and its query pixels' inputs to per-pixel outputs; patches are independent."""
+
+    def __init__(self, size: ModelSize, in_channels: int, out_channels: int):
+        super().__init__()
+        self.dct_freqs = size.dct_freqs
+        self.embed = nn.Linear(in_channels + size.dct_freqs**2, size.field_width)
+        self.blocks = nn.ModuleList(
+            FieldBlock(size.width, size.field_width, size.field_mlp_ratio) for _ in range(size.field_depth)
+        )
+        self.norm = nn.RMSNorm(size.field_width, eps=NORM_EPS)
+        self.out = nn.Linear(size.field_width, out_channels)
+
+    def forward(self, tokens: Tensor, pixels: Tensor) -> Tensor:
+        """tokens (M, C), pixels (M, Q, c_in) with Q = side^2 query pixels -> (M, Q, c_out)."""
+        patches, queries, _ = pixels.shape
+        side = int(round(queries**0.5))
+        if side * side != queries:
+            raise ValueError(f"a patch must hold a square number of query pixels, got {queries}")
+        dct = dct_features(side, self.dct_freqs, device=pixels.device).to(pixels.dtype)  # (Q, F^2)
+        h = self.embed(torch.cat([pixels, dct.expand(patches, -1, -1)], dim=-1))  # (M, Q, c)
+        for block in self.blocks:
+            h = block(h, tokens)
+        return self.out(self.norm(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation
+
+
+def init_linear_xavier(model: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every Linear (the DiT/PixNerd default)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def init_time_embedding(embedder: TimestepEmbedder) -> None:
+    nn.init.normal_(embedder.fc1.weight, std=0.02)
+    nn.init.normal_(embedder.fc2.weight, std=0.02)
+
+
+def init_adaln_zero(blocks: nn.ModuleList) -> None:
+    """Zero modulation: gates alpha = 0, so every trunk block starts as the identity."""
+    for block in blocks:
+        nn.init.zeros_(block.modulation.weight)
+        nn.init.zeros_(block.modulation.bias)
+
+
+def init_output_zero(decoder: NeuralFieldDecoder) -> None:
+    """Zero final layer: the network's output is exactly 0 at init (v = 0, or uniform logits)."""
+    nn.init.zeros_(decoder.out.weight)
+    nn.init.zeros_(decoder.out.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# the networks
+
+
+def _check_image_like(name: str, x: object, channels: int, batch: int | None = None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels or (batch is not None and x.shape[0] != batch):
+        expected = f"({batch if batch is not None else 'B'}, {channels}, H, W)"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+class FieldTransformerBase(nn.Module):
+    """Patch embedding, time embedding, trunk and field decoder over a generic input u (B, c_in, H, W)."""
+
+    def __init__(self, size: str | ModelSize, in_channels: int, out_channels: int):
+        super().__init__()
+        self.size = resolve_size(size)
+        width, patch = self.size.width, self.size.patch_size
+        self.patch_embed = nn.Linear(in_channels * patch * patch, width)
+        self.time_embed = TimestepEmbedder(width)
+        self.trunk = nn.ModuleList(
+            TrunkBlock(width, self.size.heads, self.size.mlp_ratio) for _ in range(self.size.depth)
+        )
+        self.field = NeuralFieldDecoder(self.size, in_channels, out_channels)
+        init_linear_xavier(self)
+        init_time_embedding(self.time_embed)
+        init_adaln_zero(self.trunk)
+        init_output_zero(self.field)
+
+    def evaluate(self, inputs: Tensor, t: Tensor, query_scale: int = 1) -> Tensor:
+        """u (B, c_in, H, W), t (B,) -> (B, c_out, H, W); see the module docstring for query_scale."""
+        if isinstance(query_scale, bool) or not isinstance(query_scale, int) or query_scale < 1:
+            raise ValueError(f"query_scale must be an integer >= 1, got {query_scale!r}")
+        batch, _, height, width = inputs.shape
+        side = self.size.patch_size * query_scale  # query pixels per patch side
+        if height % side or width % side:
+            raise ValueError(
+                f"input size {height}x{width} must be divisible by patch_size * query_scale = "
+                f"{self.size.patch_size} * {query_scale} = {side}"
+            )
+        grid_h, grid_w = height // side, width // side
+        coarse = F.avg_pool2d(inputs, query_scale) if query_scale > 1 else inputs
+        tokens = self.patch_embed(patchify(coarse, self.size.patch_size).flatten(2))  # (B, L, C)
+        time = self.time_embed(t)  # (B, C)
+        condition = F.silu(time)
+        rope = rope_2d_angles(grid_h, grid_w, self.size.width // self.size.heads, device=inputs.device)
+        for block in self.trunk:
+            tokens = block(tokens, condition, rope)
+        # the field's weights come from the token; adding e_t lets them depend on t directly too
+        tokens = F.silu(tokens + time[:, None])  # (B, L, C)
+        pixels = patchify(inputs, side).transpose(-1, -2)  # (B, L, Q, c_in)
+        out = self.field(tokens.flatten(0, 1), pixels.flatten(0, 1))  # (M, Q, c_out)
+        return unpatchify(out.view(batch, grid_h * grid_w, *out.shape[1:]), grid_h, grid_w)
+
+
+class PixelFieldTransformer(FieldTransformerBase):
+    """The velocity model v_theta(x_t, t, I): (B, d, H, W) in, (B, d, H, W) out.
+
+    With image_conditioning the network input is u = [x_t, I] (d + 3 channels) for both the patch
+    embedding and the per-pixel field input; without it u = x_t, as in PixNerd, and image is ignored.
+    """
+
+    def __init__(self, size: str | ModelSize, dim: int, image_conditioning: bool = True):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim (the encoding dimension d) must be a positive integer, got {dim!r}")
+        super().__init__(size, dim + IMAGE_CHANNELS * image_conditioning, dim)
+        self.dim = dim
+        self.image_conditioning = image_conditioning
+
+    def forward(self, x_t: Tensor, t: Tensor, image: Tensor | None = None, query_scale: int = 1) -> Tensor:
+        _check_image_like("x_t", x_t, self.dim)
+        batch = x_t.shape[0]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"t must be a torch.Tensor of shape ({batch},), got {type(t).__name__}")
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape ({batch},) (one time per image), got {tuple(t.shape)}")
+        inputs = x_t
+        if self.image_conditioning:
+            if image is None:
+                raise ValueError("this model is image-conditioned (image_conditioning=True): pass image")
+            _check_image_like("image", image, IMAGE_CHANNELS, batch)
+            if image.shape[2:] != x_t.shape[2:]:
+                raise ValueError(
+                    f"image {tuple(image.shape[2:])} and x_t {tuple(x_t.shape[2:])} must have the same H, W"
+                )
+            inputs = torch.cat([x_t, image.to(x_t.dtype)], dim=1)  # (B, d + 3, H, W)
+        return self.evaluate(inputs, t, query_scale)
+
+
+class DiscriminativeFieldTransformer(FieldTransformerBase):
+    """The same trunk and field decoder mapping an image to N-class logits (B, N, H, W).
+
+    There is no time: t is held at 0, so the time embedding becomes a learned constant conditioning
+    vector, and parameter count and compute equal the flow model's up to the input/output channels.
+    """
+
+    def __init__(self, size: str | ModelSize, num_classes: int):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        super().__init__(size, IMAGE_CHANNELS, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, image: Tensor, query_scale: int = 1) -> Tensor:
+        _check_image_like("image", image, IMAGE_CHANNELS)
+        t = torch.zeros(image.shape[0], device=image.device)
+        return self.evaluate(image, t, query_scale)
+
+
+def build_model(
+    kind: Literal["flow", "discriminative"],
+    size: str | ModelSize,
+    dim: int | None = None,
+    num_classes: int | None = None,
+    image_conditioning: bool = True,
+) -> FieldTransformerBase:
+    """The velocity model (kind="flow", needs dim) or its discriminative twin (needs num_classes)."""
+    if kind == "flow":
+        if dim is None:
+            raise ValueError("build_model('flow', ...) needs dim, the encoding dimension d")
+        return PixelFieldTransformer(size, dim, image_conditioning)
+    if kind == "discriminative":
+        if num_classes is None:
+            raise ValueError("build_model('discriminative', ...) needs num_classes")
+        return DiscriminativeFieldTransformer(size, num_classes)
+    raise ValueError(f"unknown model kind {kind!r}; expected 'flow' or 'discriminative'")
