@@ -16,6 +16,10 @@ from torch import Tensor
 IGNORE_INDEX = 255
 ENCODINGS = ("kronecker", "rd", "lattice", "random", "bits", "onehot")
 DEFAULT_DIM = 3  # Kronecker, R_d and random codes live in the image's 3 channels unless asked otherwise
+# decode() scores pixels in blocks of about this many (pixel, class) scores: on a CPU a block that
+# stays in cache is ~5x faster than one (B, N, H, W) pass; accelerators prefer few large launches.
+DECODE_BLOCK_ELEMENTS_CPU = 2**20
+DECODE_BLOCK_ELEMENTS_ACCELERATOR = 2**26
 LATTICE_LEVELS = 6  # SemFlow palette: 6 levels per RGB channel, so at most 6^3 = 216 classes
 
 
@@ -149,24 +153,30 @@ class CategoryEncoding:
     def decode(self, x: Tensor, class_chunk: int | None = None) -> Tensor:
         """argmin_k ||x - mu_k||^2 = argmax_k (2 x.mu_k - ||mu_k||^2): (B, d, H, W) -> (B, H, W) int64.
 
-        ||x||^2 is the same for every k and is dropped. With class_chunk, a running (max, argmax)
-        over chunks keeps the temporaries at (B, class_chunk, H, W).
+        ||x||^2 is the same for every k and is dropped. Pixels are scored in blocks of (P, n) scores,
+        n = class_chunk or N, with a running (max, argmax) over class chunks; ties go to the lowest
+        class index among chunks.
         """
         check_field(x, self.dim)
         check_chunk(class_chunk)
+        batch, _, height, width = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(-1, self.dim)  # (B*H*W, d)
         mu = self.centroids.to(device=x.device, dtype=x.dtype)
-        best_score, best_class = None, None
-        for c in class_chunks(self.num_classes, class_chunk):
-            score = torch.einsum("bdhw,nd->bnhw", 2.0 * x, mu[c]) - (mu[c] * mu[c]).sum(1).view(1, -1, 1, 1)
-            chunk_score, chunk_class = score.max(1)  # (B, H, W)
-            chunk_class += c.start
-            if best_score is None:
-                best_score, best_class = chunk_score, chunk_class
-            else:
-                better = chunk_score > best_score  # strict: ties go to the lower class index, like argmax
-                best_score = torch.where(better, chunk_score, best_score)
-                best_class = torch.where(better, chunk_class, best_class)
-        return best_class
+        weight, bias = 2.0 * mu.T, -(mu * mu).sum(1)  # score = pixels @ (2 mu^T) - ||mu||^2
+        chunks = class_chunks(self.num_classes, class_chunk)
+        block_elements = DECODE_BLOCK_ELEMENTS_CPU if x.device.type == "cpu" else DECODE_BLOCK_ELEMENTS_ACCELERATOR
+        block = max(1, block_elements // (chunks[0].stop - chunks[0].start))
+        labels = torch.empty(pixels.shape[0], dtype=torch.int64, device=x.device)
+        for start in range(0, pixels.shape[0], block):
+            px = pixels[start : start + block]
+            best_score, best_class = torch.addmm(bias[chunks[0]], px, weight[:, chunks[0]]).max(1)  # (P,)
+            for c in chunks[1:]:
+                score, cls = torch.addmm(bias[c], px, weight[:, c]).max(1)
+                better = score > best_score
+                best_score = torch.where(better, score, best_score)
+                best_class = torch.where(better, cls + c.start, best_class)
+            labels[start : start + block] = best_class
+        return labels.view(batch, height, width)
 
     def soft_assign(self, x: Tensor, tau: float = 1.0, eps: float = 1e-3, transform: str = "neg_log") -> Tensor:
         """p_k = softmax_k(T(d_k) / tau), default T(d) = -log(d + eps): (B, d, H, W) -> (B, N, H, W)."""
