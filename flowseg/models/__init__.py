@@ -7,11 +7,14 @@ from flowseg.models.field import (
     PixelFieldTransformer,
     build_model,
 )
+from flowseg.models.pixnerd import LoadReport, load_pixnerd_checkpoint
 
 __all__ = [
     "SIZES",
     "DiscriminativeFieldTransformer",
+    "LoadReport",
     "ModelSize",
     "PixelFieldTransformer",
     "build_model",
+    "load_pixnerd_checkpoint",
 ]
