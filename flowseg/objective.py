@@ -72,10 +72,12 @@ def distance_correction(
     Every T is signed so that a larger score means a closer class; with w(d) = -dT/dd > 0,
 
         grad = (2 / tau) * sum_k (y_k - p_k) w(d_k) (x1_hat - mu_k)
-             = (2 / tau) * [ w(d_true) (x1_hat - mu_true) - x1_hat sum_k q_k + sum_k q_k mu_k ],  q_k = p_k w(d_k)
+             = (2 / tau) * [ (1 - p_true) w(d_true) (x1_hat - mu_true) - x1_hat sum_k' q_k + sum_k' q_k mu_k ]
 
-    (T = -log(d + eps) gives w = 1/(d + eps), the paper's formula). -grad pulls towards mu_true with
-    weight (1 - p_true) and pushes away from every other mu_k with weight p_k. Only (B, n, H, W)
+    with q_k = p_k w(d_k) and k' running over the other classes (T = -log(d + eps) gives
+    w = 1/(d + eps), the paper's formula). -grad pulls towards mu_true with weight (1 - p_true) and
+    pushes away from every other mu_k with weight p_k. The true class is kept out of the sums and
+    1 - p_true is summed from the other p_k, so nothing cancels when p_true -> 1. Only (B, n, H, W)
     temporaries are built, n = class_chunk or N; with chunks, the softmax normaliser is a first
     pass (running logsumexp). Ignore pixels have no true class: Phi = 0 there, and so is grad.
     (B, d, H, W), (B, H, W) -> (B, d, H, W); not differentiable (call under no_grad in training).
@@ -94,6 +96,7 @@ def distance_correction(
     mu_true = centroids[torch.where(valid, labels, 0)].permute(0, 3, 1, 2)  # (B, d, H, W)
     to_true = x1_hat - mu_true
     attraction = T.weight(to_true.square().sum(1, keepdim=True), eps) * to_true  # w(d_true)(x1_hat - mu_true)
+    labels = labels.unsqueeze(1)  # (B, 1, H, W), compared with each chunk's class indices
 
     def scores_and_weights(chunk: slice) -> tuple[Tensor, Tensor]:
         d = sq_distances_to(x1_hat, centroids[chunk])  # (B, n, H, W)
@@ -107,14 +110,19 @@ def distance_correction(
         part = torch.logsumexp(score, 1, keepdim=True)
         log_normaliser = part if log_normaliser is None else torch.logaddexp(log_normaliser, part)
 
-    q_sum = torch.zeros_like(x1_hat[:, :1])  # sum_k q_k, (B, 1, H, W)
-    q_mu = torch.zeros_like(x1_hat)          # sum_k q_k mu_k, (B, d, H, W)
+    p_other = torch.zeros_like(x1_hat[:, :1])  # 1 - p_true = sum_k' p_k, (B, 1, H, W)
+    q_sum = torch.zeros_like(x1_hat[:, :1])    # sum_k' q_k, (B, 1, H, W)
+    q_mu = torch.zeros_like(x1_hat)            # sum_k' q_k mu_k, (B, d, H, W)
     for chunk in chunks:
         score, weight = cached or scores_and_weights(chunk)
-        q = score.sub_(log_normaliser).exp_().mul_(weight)  # p_k w(d_k), reusing the score buffer
+        p = score.sub_(log_normaliser).exp_()  # (B, n, H, W), reusing the score buffer
+        classes = torch.arange(chunk.start, chunk.stop, device=labels.device).view(1, -1, 1, 1)
+        p.masked_fill_(labels == classes, 0.0)
+        p_other += p.sum(1, keepdim=True)
+        q = p.mul_(weight)
         q_sum += q.sum(1, keepdim=True)
         q_mu += torch.einsum("bnhw,nd->bdhw", q, centroids[chunk])
-    grad = (2.0 / tau) * (attraction - x1_hat * q_sum + q_mu)
+    grad = (2.0 / tau) * (p_other * attraction - x1_hat * q_sum + q_mu)
     return grad * valid.unsqueeze(1)
 
 
