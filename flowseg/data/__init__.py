@@ -9,13 +9,15 @@ from __future__ import annotations
 import inspect
 
 from flowseg.data.base import IGNORE_INDEX, SegmentationDataset
+from flowseg.data.layouts import ADE20KDataset, CityscapesDataset, CocoStuffDataset, FolderDataset, VOCDataset
 from flowseg.data.mnist_seg import MnistSegDataset
 from flowseg.data.synthetic import ShapesDataset
 from flowseg.data.transforms import AugmentConfig, build_transform
 
 # name -> dataset class; generated sets take no root, on-disk layouts require one
 GENERATED = {"shapes": ShapesDataset, "mnist-seg": MnistSegDataset}
-ON_DISK: dict[str, type[SegmentationDataset]] = {}
+ON_DISK = {"ade20k": ADE20KDataset, "cityscapes": CityscapesDataset, "coco-stuff": CocoStuffDataset,
+           "voc": VOCDataset, "folder": FolderDataset}
 DATASETS = {**GENERATED, **ON_DISK}
 
 # the arguments build_dataset passes itself; everything else a dataset's __init__ takes is an option
@@ -60,5 +62,6 @@ def build_dataset(name: str, split: str, root: str | None = None, image_size: in
     return dataset_class(root=root, split=split, transform=transform, **options)
 
 
-__all__ = ["AugmentConfig", "DATASETS", "IGNORE_INDEX", "MnistSegDataset", "SegmentationDataset",
-           "ShapesDataset", "build_dataset", "dataset_options"]
+__all__ = ["ADE20KDataset", "AugmentConfig", "CityscapesDataset", "CocoStuffDataset", "DATASETS", "FolderDataset",
+           "GENERATED", "IGNORE_INDEX", "MnistSegDataset", "ON_DISK", "SegmentationDataset", "ShapesDataset",
+           "VOCDataset", "build_dataset", "dataset_options"]

@@ -14,24 +14,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = 255  # same value as flowseg.encoding.IGNORE_INDEX (fixed by docs/design.md)
+from flowseg.data.classes import pascal_palette
+from flowseg.encoding import IGNORE_INDEX
 
 # (image (3,H,W), label (H,W)) -> (image, label), applied jointly so the two stay aligned
 JointTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-def pascal_palette(num_colours: int) -> np.ndarray:
-    """The PASCAL VOC colour map: class c's colour spreads the bits of c over R, G, B from the top bit.
-
-    Neighbouring class ids get clearly different colours, and 0 is black. Used for VOC itself and for
-    every dataset without a palette of its own.
-    """
-    ids = np.arange(num_colours, dtype=np.int64)
-    palette = np.zeros((num_colours, 3), dtype=np.int64)
-    for bit in range(8):
-        for channel in range(3):
-            palette[:, channel] |= ((ids >> (3 * bit + channel)) & 1) << (7 - bit)
-    return palette.astype(np.uint8)
 
 
 def check_split(split: str, valid_splits) -> None:
