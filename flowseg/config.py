@@ -1,0 +1,251 @@
+"""Run configuration: typed dataclasses, YAML files and `key=value` overrides.
+
+A config is built in three layers, each merged with OmegaConf onto the one before, which checks every
+key and type against the dataclasses below:
+
+    dataclass defaults  <-  flowseg/configs/<name>.yaml (or a user's YAML file)  <-  key=value overrides
+
+Unknown keys and values of the wrong type raise a ValueError naming the key and where it came from;
+range and choice checks live in each dataclass's __post_init__. The resolved config is written as YAML
+beside every run, checkpoint and evaluation result, and read back by eval/predict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from flowseg.objective import ObjectiveConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _check_choice(section: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{section}.{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_positive(section: str, name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{section}.{name} must be {bound}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist-seg"          # shapes, mnist-seg, ade20k, cityscapes, coco-stuff, voc, folder
+    root: Optional[str] = None       # dataset directory (on-disk layouts only)
+    image_size: int = 32             # training crop side; evaluation resizes to it unless eval.inference says otherwise
+    # training-split augmentation options (flowseg.data.AugmentConfig: scale_range, hflip, image_fill);
+    # {} = the defaults, null = no augmentation
+    augment: Optional[dict[str, Any]] = field(default_factory=dict)
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for build_dataset
+
+    def __post_init__(self) -> None:
+        _check_positive("data", "image_size", self.image_size)
+        _check_positive("data", "num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "flow"               # "flow": v_theta(x_t, t, I); "discriminative": the twin predicting logits
+    size: str = "T/8"                # key of flowseg.models.SIZES
+    encoding: str = "kronecker"      # category encoding mu_k (flow models only)
+    dim: Optional[int] = None        # encoding dimension d; None = the encoding's default
+    image_conditioning: bool = True  # feed the image I as extra input channels
+    pretrained: Optional[str] = None # a PixNerd checkpoint file to initialise the trunk from
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "kind", self.kind, ("flow", "discriminative"))
+        _check_positive("model", "dim", self.dim)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_steps: int = 100
+    schedule: str = "cosine"         # "cosine" decays to min_lr_ratio * lr over the budget; "constant"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.999         # 0 disables the EMA (it then equals the raw weights)
+
+    def __post_init__(self) -> None:
+        _check_positive("optim", "lr", self.lr)
+        _check_positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
+        _check_choice("optim", "schedule", self.schedule, ("cosine", "constant"))
+        for name in ("beta1", "beta2", "ema_decay", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0 or (name != "min_lr_ratio" and value == 1.0):
+                raise ValueError(f"optim.{name} must lie in [0, 1), got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/mnist-seg"
+    steps: int = 1000                # optimizer steps (the step budget)
+    minutes: Optional[float] = None  # wall-clock budget; training stops at whichever budget ends first
+    batch_size: int = 32             # global batch per optimizer step, split over ranks and accumulation
+    grad_accum: int = 1              # micro-batches per rank per step
+    seed: int = 0
+    device: str = "auto"             # "auto" (CUDA when available), "cpu", "cuda"
+    precision: str = "auto"          # "auto" = bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16" (CUDA only)
+    log_every: int = 20
+    val_every: int = 500             # steps between validations; 0 = only at the end
+    val_samples: Optional[int] = None  # validate on the first N samples of the split (None = all)
+    ckpt_every: int = 500            # steps between checkpoints; a final one is always written
+    keep_checkpoints: int = 3        # newest checkpoints kept; 0 keeps all
+    tensorboard: bool = True         # also log to TensorBoard when the tensorboard package is importable
+    progress: bool = True            # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            _check_positive("train", name, getattr(self, name))
+        for name in ("val_every", "ckpt_every", "keep_checkpoints"):
+            _check_positive("train", name, getattr(self, name), allow_zero=True)
+        _check_positive("train", "minutes", self.minutes)
+        _check_positive("train", "val_samples", self.val_samples)
+        _check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class EvalConfig:
+    split: str = "val"
+    sampler: str = "euler"           # ODE integrator for flow models: "euler" | "heun"
+    steps: int = 10                  # integration steps from t = 0 (image) to t = 1 (mask)
+    sweep: Optional[list[int]] = None  # evaluate every listed step count in one pass over the data
+    inference: str = "resize"        # "resize" to data.image_size | "whole" image | "slide" windows
+    window: Optional[int] = None     # sliding-window side (default data.image_size)
+    stride: Optional[int] = None     # sliding-window stride (default 2/3 of the window)
+    query_scale: int = 1             # the field decoder queries query_scale x the trunk resolution
+    batch_size: int = 16
+    max_samples: Optional[int] = None
+    use_ema: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("eval", "sampler", self.sampler, ("euler", "heun"))
+        _check_choice("eval", "inference", self.inference, ("resize", "whole", "slide"))
+        for name in ("steps", "batch_size", "query_scale"):
+            _check_positive("eval", name, getattr(self, name))
+        for name in ("window", "stride", "max_samples"):
+            _check_positive("eval", name, getattr(self, name))
+        if self.sweep is not None:
+            if not self.sweep or any(steps <= 0 for steps in self.sweep):
+                raise ValueError(f"eval.sweep must be a non-empty list of positive step counts, got {self.sweep}")
+
+    @property
+    def step_counts(self) -> list[int]:
+        return list(self.sweep) if self.sweep else [self.steps]
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.batch_size % self.train.grad_accum:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by "
+                             f"train.grad_accum ({self.train.grad_accum})")
+
+
+def available_configs() -> list[str]:
+    """Names of the YAML configs shipped with flowseg (usable as `flowseg train NAME`)."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        reason = str(getattr(error, "msg", None) or error).splitlines()[0]
+        if isinstance(error, ConfigKeyError):
+            section = getattr(error, "object_type", None)
+            valid = ", ".join(f.name for f in fields(section)) if is_dataclass(section) else "?"
+            raise ValueError(f"unknown config key '{key}' in {origin}; valid keys here: {valid}") from None
+        where = f"config key '{key}'" if key else "config"
+        raise ValueError(f"wrong type for {where} in {origin}: {reason}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read config file {path}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return OmegaConf.create(loaded)
+
+
+def _parse_override(text: str) -> DictConfig:
+    key, sep, _ = text.partition("=")
+    if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+        raise ValueError(f"override {text!r} is not of the form section.key=value (e.g. train.steps=100)")
+    return OmegaConf.from_dotlist([text])
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A shipped config name ("mnist-seg") or a path to a YAML file."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        return path
+    shipped = CONFIG_DIR / f"{source}.yaml"
+    if not shipped.is_file():
+        raise ValueError(f"unknown config {str(source)!r}: not a file, and not one of the shipped "
+                         f"configs {available_configs()}")
+    return shipped
+
+
+def build_config(layers: Sequence[tuple[DictConfig, str]]) -> Config:
+    merged = OmegaConf.structured(Config)
+    for layer, origin in layers:
+        merged = _merge(merged, layer, origin)
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"invalid config: {str(error).splitlines()[0]}") from None
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML `source` (a shipped name or a file; None = defaults only) <- overrides."""
+    layers = []
+    if source is not None:
+        path = resolve_source(source)
+        layers.append((_read_yaml(path), f"config file {path}"))
+    layers += [(_parse_override(text), f"override {text!r}") for text in overrides]
+    return build_config(layers)
+
+
+def config_from_yaml(text: str, overrides: Sequence[str] = (), origin: str = "saved config") -> Config:
+    """Rebuild a config saved with to_yaml (e.g. from a checkpoint), then apply overrides."""
+    layers = [(OmegaConf.create(yaml.safe_load(text) or {}), origin)]
+    layers += [(_parse_override(item), f"override {item!r}") for item in overrides]
+    return build_config(layers)
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

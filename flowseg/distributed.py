@@ -1,0 +1,116 @@
+"""Process-group set-up for single-process and torchrun launches.
+
+`torchrun --nproc_per_node G [--nnodes M --node_rank R --rdzv_endpoint HOST:PORT] -m flowseg.cli train ...`
+sets RANK / WORLD_SIZE / LOCAL_RANK in the environment; without them flowseg runs as one process and
+every collective below is the identity. gloo is used on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def setup(device: str = "auto") -> DistContext:
+    """Join the torchrun process group if launched by torchrun, and pick this rank's device.
+
+    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". Each rank drives the GPU of its
+    LOCAL_RANK, so one node runs one process per GPU.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (so all ranks stop at the same step)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_float(value: float, device: torch.device) -> float:
+    """Rank 0's `value` on every rank (e.g. rank 0's clock, so a time budget ends everywhere at once)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def shard_indices(length: int, rank: int, world_size: int) -> list[int]:
+    """Indices rank, rank + W, ... of range(length): the ranks' shards partition the split exactly.
+
+    Unlike DistributedSampler nothing is padded, so no sample is counted twice in the confusion matrix.
+    """
+    return list(range(rank, length, world_size))
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on CUDA ("auto" or "bf16"); a no-op context on CPU and for "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError("precision='bf16' needs a CUDA device; use 'auto' or 'fp32' on CPU")
+    enabled = device.type == "cuda" and precision != "fp32"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
