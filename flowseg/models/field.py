@@ -106,12 +106,16 @@ class NeuralFieldDecoder(nn.Module):
 
     def forward(self, tokens: Tensor, pixels: Tensor) -> Tensor:
         """tokens (M, C), pixels (M, Q, c_in) with Q = side^2 query pixels -> (M, Q, c_out)."""
-        patches, queries, _ = pixels.shape
+        queries = pixels.shape[1]
         side = int(round(queries**0.5))
         if side * side != queries:
             raise ValueError(f"a patch must hold a square number of query pixels, got {queries}")
         dct = dct_features(side, self.dct_freqs, device=pixels.device).to(pixels.dtype)  # (Q, F^2)
-        h = self.embed(torch.cat([pixels, dct.expand(patches, -1, -1)], dim=-1))  # (M, Q, c)
+        # embed([u, dct]) = W_u u + (W_dct dct + b): the position term is the same for every patch,
+        # so it is computed once instead of concatenating F^2 features to every pixel
+        channels = pixels.shape[-1]
+        position = F.linear(dct, self.embed.weight[:, channels:], self.embed.bias)  # (Q, c)
+        h = F.linear(pixels, self.embed.weight[:, :channels]) + position  # (M, Q, c)
         for block in self.blocks:
             h = block(h, tokens)
         return self.out(self.norm(h))
