@@ -331,3 +331,52 @@ def test_bad_forward_inputs():
         model(x, t, image, query_scale=0)
     with pytest.raises(ValueError, match="query_scale must be an integer >= 1, got 1.5"):
         model(x, t, image, query_scale=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# overfitting one batch of the synthetic shapes data
+
+
+def overfit_shapes(image_size: int, batch: int, max_steps: int, sample_steps: int) -> tuple[int, float]:
+    """Train T/8 on one fixed batch with the reshaped objective until the sampled label maps have
+    < 5% pixel error; returns (steps taken, final error)."""
+    from flowseg.data import build_dataset
+    from flowseg.encoding import build_encoding
+    from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
+    from flowseg.sampling import segment
+
+    torch.manual_seed(0)
+    dataset = build_dataset("shapes", "train", image_size=image_size)
+    samples = [dataset[i] for i in range(batch)]
+    image = torch.stack([s["image"] for s in samples])
+    labels = torch.stack([s["label"] for s in samples])
+    encoding = build_encoding("kronecker", dataset.num_classes)
+    objective = FlowMatchingObjective(encoding, ObjectiveConfig(kind="reshaped"))
+    model = PixelFieldTransformer("T/8", dim=encoding.dim)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    valid = labels != 255
+    error = 1.0
+    for step in range(1, max_steps + 1):
+        loss = objective(model, image, labels, generator=generator).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 10 == 0:
+            with torch.no_grad():
+                predicted, _ = segment(model, image, encoding, steps=sample_steps)
+            error = ((predicted != labels) & valid).sum().item() / valid.sum().item()
+            if error < 0.05:
+                return step, error
+    return max_steps, error
+
+
+def test_tiny_model_overfits_one_small_batch():
+    steps, error = overfit_shapes(image_size=32, batch=4, max_steps=150, sample_steps=1)
+    assert error < 0.05, f"pixel error {error:.3f} after {steps} steps"
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_one_batch_at_64px():
+    steps, error = overfit_shapes(image_size=64, batch=8, max_steps=300, sample_steps=10)
+    assert error < 0.05, f"pixel error {error:.3f} after {steps} steps"
