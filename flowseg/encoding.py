@@ -35,13 +35,15 @@ class DistanceTransform:
     weight: Callable[[Tensor, float], Tensor]  # -dT/dd (d; eps), positive
 
 
+# (d + eps) is a fresh tensor, so the in-place ops below never touch d: at N = 150 every avoided
+# temporary is one (B, N, H, W) tensor less at the correction's peak.
 TRANSFORMS: dict[str, DistanceTransform] = {
     # T = -log(d + eps): the paper's default
-    "neg_log": DistanceTransform(lambda d, eps: -torch.log(d + eps), lambda d, eps: 1.0 / (d + eps)),
+    "neg_log": DistanceTransform(lambda d, eps: (d + eps).log_().neg_(), lambda d, eps: (d + eps).reciprocal_()),
     # T = 1 / (d + eps)
-    "inverse": DistanceTransform(lambda d, eps: 1.0 / (d + eps), lambda d, eps: 1.0 / (d + eps) ** 2),
+    "inverse": DistanceTransform(lambda d, eps: (d + eps).reciprocal_(), lambda d, eps: (d + eps).square_().reciprocal_()),
     # T = -sqrt(d + eps): eps keeps dT/dd finite at d = 0
-    "sqrt": DistanceTransform(lambda d, eps: -torch.sqrt(d + eps), lambda d, eps: 0.5 / torch.sqrt(d + eps)),
+    "sqrt": DistanceTransform(lambda d, eps: (d + eps).sqrt_().neg_(), lambda d, eps: (d + eps).rsqrt_().mul_(0.5)),
     # T = -d: the Gaussian-kernel softmax
     "identity": DistanceTransform(lambda d, eps: -d, lambda d, eps: torch.ones_like(d)),
 }
@@ -100,8 +102,8 @@ def class_chunks(num_classes: int, class_chunk: int | None) -> list[slice]:
 def sq_distances_to(x: Tensor, centroids: Tensor) -> Tensor:
     """d_k = ||x - mu_k||^2 = ||x||^2 - 2 x.mu_k + ||mu_k||^2 for centroids (n, d): (B,d,H,W) -> (B,n,H,W)."""
     mu = centroids.to(x.dtype)
-    d = torch.einsum("bdhw,nd->bnhw", x, mu).mul_(-2.0)  # (B, n, H, W), updated in place from here on
-    d.add_((x * x).sum(1, keepdim=True)).add_((mu * mu).sum(1).view(1, -1, 1, 1))
+    d = torch.matmul(mu, x.flatten(2)).view(x.shape[0], -1, *x.shape[2:])  # (n, d) @ (B, d, HW) -> (B, n, H, W)
+    d.mul_(-2.0).add_((x * x).sum(1, keepdim=True)).add_((mu * mu).sum(1).view(1, -1, 1, 1))
     return d.clamp_min_(0.0)  # the expansion can round slightly below 0 next to a centroid
 
 

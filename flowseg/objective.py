@@ -9,6 +9,7 @@ Reshaped target, per pixel, with the clean estimate x1_hat of the same forward p
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,7 @@ class ObjectiveConfig:
         check_chunk(self.class_chunk)
 
 
+@torch.no_grad()
 def distance_correction(
     x1_hat: Tensor, labels: Tensor, centroids: Tensor, tau: float, eps: float, transform: str = "neg_log",
     class_chunk: int | None = None,
@@ -77,10 +79,10 @@ def distance_correction(
     with q_k = p_k w(d_k) and k' running over the other classes (T = -log(d + eps) gives
     w = 1/(d + eps), the paper's formula). -grad pulls towards mu_true with weight (1 - p_true) and
     pushes away from every other mu_k with weight p_k. The true class is kept out of the sums and
-    1 - p_true is summed from the other p_k, so nothing cancels when p_true -> 1. Only (B, n, H, W)
-    temporaries are built, n = class_chunk or N; with chunks, the softmax normaliser is a first
-    pass (running logsumexp). Ignore pixels have no true class: Phi = 0 there, and so is grad.
-    (B, d, H, W), (B, H, W) -> (B, d, H, W); not differentiable (call under no_grad in training).
+    1 - p_true is summed from the other p_k, so nothing cancels when p_true -> 1.
+    One pass over class chunks with an online softmax (running max, accumulators rescaled when it
+    grows): only (B, n, H, W) temporaries, n = class_chunk or N. Ignore pixels have no true class:
+    Phi = 0 there, and so is grad. (B, d, H, W), (B, H, W) -> (B, d, H, W), computed under no_grad.
     """
     centroids = centroids.to(device=x1_hat.device, dtype=x1_hat.dtype)
     num_classes, dim = centroids.shape
@@ -98,31 +100,30 @@ def distance_correction(
     attraction = T.weight(to_true.square().sum(1, keepdim=True), eps) * to_true  # w(d_true)(x1_hat - mu_true)
     labels = labels.unsqueeze(1)  # (B, 1, H, W), compared with each chunk's class indices
 
-    def scores_and_weights(chunk: slice) -> tuple[Tensor, Tensor]:
+    max_score = torch.full_like(x1_hat[:, :1], -math.inf)  # running max_k T(d_k)/tau, (B, 1, H, W)
+    normaliser = torch.zeros_like(max_score)  # sum_k exp(T(d_k)/tau - max_score); p_k = exp(...)/normaliser
+    p_other = torch.zeros_like(max_score)     # sum_k' p_k = 1 - p_true, unnormalised like the two below
+    q_sum = torch.zeros_like(max_score)       # sum_k' q_k
+    q_mu = torch.zeros_like(x1_hat)           # sum_k' q_k mu_k, (B, d, H, W)
+    for chunk in class_chunks(num_classes, class_chunk):
         d = sq_distances_to(x1_hat, centroids[chunk])  # (B, n, H, W)
-        return T.score(d, eps).div_(tau), T.weight(d, eps)
-
-    chunks = class_chunks(num_classes, class_chunk)
-    cached = scores_and_weights(chunks[0]) if len(chunks) == 1 else None
-    log_normaliser = None  # log sum_k exp(T(d_k) / tau), (B, 1, H, W)
-    for chunk in chunks:
-        score, _ = cached or scores_and_weights(chunk)
-        part = torch.logsumexp(score, 1, keepdim=True)
-        log_normaliser = part if log_normaliser is None else torch.logaddexp(log_normaliser, part)
-
-    p_other = torch.zeros_like(x1_hat[:, :1])  # 1 - p_true = sum_k' p_k, (B, 1, H, W)
-    q_sum = torch.zeros_like(x1_hat[:, :1])    # sum_k' q_k, (B, 1, H, W)
-    q_mu = torch.zeros_like(x1_hat)            # sum_k' q_k mu_k, (B, d, H, W)
-    for chunk in chunks:
-        score, weight = cached or scores_and_weights(chunk)
-        p = score.sub_(log_normaliser).exp_()  # (B, n, H, W), reusing the score buffer
+        weight = T.weight(d, eps)
+        score = T.score(d, eps).div_(tau)
+        del d
+        new_max = torch.maximum(max_score, score.amax(1, keepdim=True))
+        rescale = torch.exp(max_score - new_max)  # 0 on the first chunk
+        for accumulator in (normaliser, p_other, q_sum, q_mu):
+            accumulator.mul_(rescale)
+        max_score = new_max
+        p = score.sub_(max_score).exp_()  # unnormalised p_k, reusing the score buffer
+        normaliser += p.sum(1, keepdim=True)
         classes = torch.arange(chunk.start, chunk.stop, device=labels.device).view(1, -1, 1, 1)
         p.masked_fill_(labels == classes, 0.0)
         p_other += p.sum(1, keepdim=True)
-        q = p.mul_(weight)
+        q = weight.mul_(p)
         q_sum += q.sum(1, keepdim=True)
-        q_mu += torch.einsum("bnhw,nd->bdhw", q, centroids[chunk])
-    grad = (2.0 / tau) * (p_other * attraction - x1_hat * q_sum + q_mu)
+        q_mu += torch.matmul(centroids[chunk].T, q.flatten(2)).view_as(q_mu)  # (d, n) @ (B, n, HW)
+    grad = (2.0 / tau) * (p_other * attraction - x1_hat * q_sum + q_mu) / normaliser
     return grad * valid.unsqueeze(1)
 
 
