@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -55,9 +56,11 @@ def correction_case(class_chunk: int | None) -> dict:
     encoding = build_encoding("kronecker", 150)
     x1_hat = torch.rand(8, 3, 256, 256, generator=g) * 2 - 1
     labels = torch.randint(0, 150, (8, 256, 256), generator=g)
-    call = lambda: distance_correction(x1_hat, labels, encoding.centroids, 1.0, 1e-3, "neg_log", class_chunk)  # noqa: E731
-    # a tiny first call pages in the kernels' code, which would otherwise count as the call's memory
-    distance_correction(x1_hat[:1, :, :4, :4], labels[:1, :4, :4], encoding.centroids, 1.0, 1e-3, "neg_log", class_chunk)
+
+    def call(x: torch.Tensor = x1_hat, y: torch.Tensor = labels) -> torch.Tensor:
+        return distance_correction(x, y, encoding.centroids, 1.0, 1e-3, "neg_log", class_chunk)
+
+    call(x1_hat[:1, :, :4, :4], labels[:1, :4, :4])  # pages in the kernels' code, which would count as memory
     before = status_kib("VmRSS")
     call()
     peak_extra = status_kib("VmHWM") - before
@@ -67,14 +70,16 @@ def correction_case(class_chunk: int | None) -> dict:
 def run_correction_cases() -> None:
     tensor_mib = 8 * 150 * 256 * 256 * 4 / 2**20
     print(f"1. distance_correction, N=150, B=8, 256x256, float32, {torch.get_num_threads()} threads")
-    print(f"   one (B, N, H, W) float32 tensor = {tensor_mib:.0f} MiB; a (B, N, d, H, W) one would be {3 * tensor_mib:.0f} MiB")
+    print(f"   one (B, N, H, W) float32 tensor = {tensor_mib:.0f} MiB; "
+          f"a (B, N, d, H, W) one would be {3 * tensor_mib:.0f} MiB")
     print("   peak extra memory = VmHWM after one call - VmRSS before it, each case in a fresh subprocess")
     for class_chunk in CORRECTION_CASES:
         code = f"import json, bench_core; print(json.dumps(bench_core.correction_case({class_chunk!r})))"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             cwd=__file__.rsplit("/", 1)[0])
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"   class_chunk={str(r['class_chunk']):>4}: {r['seconds']:.3f} s, peak extra {r['peak_extra_mib']:.0f} MiB")
+        chunk, seconds, mib = r["class_chunk"], r["seconds"], r["peak_extra_mib"]
+        print(f"   class_chunk={str(chunk):>4}: {seconds:.3f} s, peak extra {mib:.0f} MiB")
 
 
 def run_decode_case() -> None:
@@ -98,7 +103,8 @@ def run_decode_case() -> None:
                 fn()
                 best[name] = min(best[name], time.perf_counter() - start)
         baseline = best["argmax over (1, 171, 512, 512) logits"]
-        print(f"2. decoding N=171 at 1x512x512, {threads} thread(s) (this process, best of {DECODE_REPEATS} interleaved repeats)")
+        print(f"2. decoding N=171 at 1x512x512, {threads} thread(s) "
+              f"(this process, best of {DECODE_REPEATS} interleaved repeats)")
         for name, seconds in best.items():
             print(f"   {name + ':':<40} {seconds * 1e3:7.1f} ms  ratio {seconds / baseline:.2f}x")
     torch.set_num_threads(default_threads)

@@ -41,7 +41,9 @@ TRANSFORMS: dict[str, DistanceTransform] = {
     # T = -log(d + eps): the paper's default
     "neg_log": DistanceTransform(lambda d, eps: (d + eps).log_().neg_(), lambda d, eps: (d + eps).reciprocal_()),
     # T = 1 / (d + eps)
-    "inverse": DistanceTransform(lambda d, eps: (d + eps).reciprocal_(), lambda d, eps: (d + eps).square_().reciprocal_()),
+    "inverse": DistanceTransform(
+        lambda d, eps: (d + eps).reciprocal_(), lambda d, eps: (d + eps).square_().reciprocal_()
+    ),
     # T = -sqrt(d + eps): eps keeps dT/dd finite at d = 0
     "sqrt": DistanceTransform(lambda d, eps: (d + eps).sqrt_().neg_(), lambda d, eps: (d + eps).rsqrt_().mul_(0.5)),
     # T = -d: the Gaussian-kernel softmax
@@ -56,7 +58,7 @@ def get_transform(name: str) -> DistanceTransform:
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks shared by the encoding, the objective and the metric.
+# Input checks shared by the encoding and the objective.
 
 
 def check_labels(labels: Tensor, num_classes: int, name: str = "labels") -> Tensor:
@@ -146,11 +148,16 @@ class CategoryEncoding:
         return torch.where(valid.unsqueeze(1), x1.to(ignore_fill.dtype), ignore_fill)
 
     def sq_distances(self, x: Tensor, class_chunk: int | None = None) -> Tensor:
-        """d_k = ||x - mu_k||^2: (B, d, H, W) -> (B, N, H, W); class_chunk bounds the temporaries."""
+        """d_k = ||x - mu_k||^2: (B, d, H, W) -> (B, N, H, W).
+
+        The result is (B, N, H, W) either way; class_chunk computes it chunk by chunk (as decode and
+        the correction do) and costs one concatenation.
+        """
         check_field(x, self.dim)
         check_chunk(class_chunk)
         mu = self.centroids.to(x.device)
-        return torch.cat([sq_distances_to(x, mu[c]) for c in class_chunks(self.num_classes, class_chunk)], 1)
+        parts = [sq_distances_to(x, mu[c]) for c in class_chunks(self.num_classes, class_chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def decode(self, x: Tensor, class_chunk: int | None = None) -> Tensor:
         """argmin_k ||x - mu_k||^2 = argmax_k (2 x.mu_k - ||mu_k||^2): (B, d, H, W) -> (B, H, W) int64.

@@ -49,7 +49,9 @@ class ConfusionMatrix:
             if not isinstance(tensor, Tensor) or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
                 raise TypeError(f"{name} must be an integer tensor, got {getattr(tensor, 'dtype', type(tensor))}")
         if pred.shape != target.shape or pred.dim() != 3:
-            raise ValueError(f"pred and target must both be (B, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"pred and target must both be (B, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}"
+            )
         n = self.num_classes
         valid = target != self.ignore_index
         gt, pr = target[valid].long(), pred[valid].long()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from flowseg.flow import (
     to_velocity,
 )
 
+Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, image) -> output (B, d, H, W): v or x1_hat
 KINDS = ("vanilla", "reshaped")
 LAM_SCHEDULES = ("constant", "annealed")
 
@@ -167,13 +169,13 @@ class FlowMatchingObjective:
         return lam * (1.0 - progress) if self.config.lam_schedule == "annealed" else lam
 
     def targets(
-        self, velocity_model, image: Tensor, labels: Tensor, progress: float = 0.0,
+        self, velocity_model: Network, image: Tensor, labels: Tensor, progress: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> FlowTargets:
         cfg, enc = self.config, self.encoding
+        check_field(image, 3, "image")
         if labels.shape != (image.shape[0], *image.shape[2:]):
             raise ValueError(f"labels {tuple(labels.shape)} do not match image {tuple(image.shape)}")
-        check_field(image, 3, "image")
         lam = self.lam_at(progress)
         centroids = enc.centroids.to(image.device)
         x0 = image_to_x0(image, enc.dim)
@@ -195,7 +197,7 @@ class FlowMatchingObjective:
         return FlowTargets(t, v_pred, v_star, v_target, x1_hat, valid, weight)
 
     def __call__(
-        self, velocity_model, image: Tensor, labels: Tensor, progress: float = 0.0,
+        self, velocity_model: Network, image: Tensor, labels: Tensor, progress: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> LossOutput:
         f = self.targets(velocity_model, image, labels, progress, generator)
@@ -211,7 +213,7 @@ class FlowMatchingObjective:
 
     @torch.no_grad()
     def diagnose(
-        self, velocity_model, image: Tensor, labels: Tensor, progress: float = 0.0,
+        self, velocity_model: Network, image: Tensor, labels: Tensor, progress: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> SignalDiagnostics:
         """Per-pixel (distance to the true centroid, training-signal magnitude) for one draw of t."""

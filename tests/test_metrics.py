@@ -37,7 +37,8 @@ def test_agrees_with_torchmetrics_on_random_data():
     per_class = MulticlassJaccardIndex(num_classes=n, ignore_index=I, average="none")
     for _ in range(4):
         target = torch.randint(0, n - 2, (2, 16, 16), generator=g)  # classes 7, 8 never in the ground truth
-        pred = torch.where(torch.rand(2, 16, 16, generator=g) < 0.6, target, torch.randint(0, n - 1, (2, 16, 16), generator=g))
+        wrong = torch.randint(0, n - 1, (2, 16, 16), generator=g)
+        pred = torch.where(torch.rand(2, 16, 16, generator=g) < 0.6, target, wrong)
         target[torch.rand(2, 16, 16, generator=g) < 0.1] = I
         ours.update(pred, target)
         macro.update(pred, target)
