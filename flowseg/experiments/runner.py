@@ -1,0 +1,231 @@
+"""Running the plan: one task per unit of work, each writing its result JSON atomically, each skipped
+when its JSON is already there, so an interrupted preset continues where it stopped.
+
+    OUT/results/<task key>.json   one per task (cost, train, sweep, diagnostics)
+    OUT/runs/<run key>/           the training runs (flowseg.train folders: checkpoints, metrics.jsonl)
+    OUT/experiments.log           this log, and everything the trainer prints
+
+A training run that was interrupted resumes from its newest checkpoint (flowseg.train's --resume).
+Tasks run in the order listed: the cost experiment first (the discriminative twin's step budget is
+set from its throughput ratio), each run's sweep and diagnostics right after the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import redirect_stderr
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+import torch
+from tqdm import tqdm
+
+from flowseg.checkpoint import (
+    CHECKPOINTS_DIR, fit_state_dict, latest_checkpoint, list_checkpoints, load_train_state, load_weights, prune_checkpoints,
+    read_checkpoint, write_atomically,
+)
+from flowseg.config import Config, config_from_yaml, load_config
+from flowseg.evaluate import evaluate_dataset, load_split
+from flowseg.experiments.cost import measure_cost
+from flowseg.experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
+from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
+from flowseg.experiments.presets import Preset
+from flowseg.objective import FlowMatchingObjective
+from flowseg.predict import build_network, load_segmenter
+from flowseg.train import TrainingDiverged, train
+
+log = logging.getLogger("flowseg.experiments")
+COST_KEY = "cost"
+
+
+@dataclass
+class Task:
+    key: str                       # result file OUT/results/<key>.json
+    run: Callable[[], dict]
+
+
+def result_path(out: Path, key: str) -> Path:
+    return out / "results" / f"{key}.json"
+
+
+def read_result(out: Path, key: str) -> dict | None:
+    path = result_path(out, key)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_dir(out: Path, spec: RunSpec) -> Path:
+    return out / "runs" / spec.key
+
+
+def validation_curve(metrics_file: Path) -> list[dict]:
+    """[{step, miou}] from the trainer's metrics.jsonl; a step logged twice (a resumed run repeats
+    the steps after its last checkpoint) keeps its last record."""
+    by_step: dict[int, float] = {}
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "val":
+            by_step[record["step"]] = record["miou"]
+    return [{"step": step, "miou": by_step[step]} for step in sorted(by_step)]
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+class Runner:
+    def __init__(self, preset: Preset, out: Path, device: torch.device, log_stream: TextIO,
+                 ade20k_root: str | None = None, keep_checkpoints: bool = True):
+        self.preset, self.out, self.device, self.log_stream = preset, out, device, log_stream
+        self.runs = planned_runs(preset, ade20k_root)
+        self.keep_checkpoints = keep_checkpoints  # False: delete a run's checkpoints once no task needs them
+
+    # ---- the task list ------------------------------------------------------------------------
+
+    def tasks(self) -> list[Task]:
+        tasks = [Task(COST_KEY, lambda: measure_cost(self.preset, self.device))]
+        for spec in self.runs:
+            diagnosed = spec.budget_name == "convergence"
+            tasks.append(Task(f"train/{spec.key}", lambda spec=spec, later=diagnosed: self.train_run(spec, later)))
+            if diagnosed and spec.variant.name == REFERENCE and spec.dataset == self.preset.ablation_dataset:
+                tasks.append(Task(f"sweep/{spec.key}", lambda spec=spec: self.sampling_sweep(spec)))
+            if diagnosed:
+                tasks.append(Task(f"diagnostics/{spec.key}", lambda spec=spec: self.diagnostics(spec)))
+        return tasks
+
+    def run_all(self, progress: bool = True) -> None:
+        tasks = self.tasks()
+        done = sum(result_path(self.out, task.key).is_file() for task in tasks)
+        log.info("preset %s: %d tasks, %d already done (their results are kept)", self.preset.name, len(tasks), done)
+        for task in tqdm(tasks, desc=f"experiments ({self.preset.name})", unit="task", disable=not progress):
+            path = result_path(self.out, task.key)
+            if path.is_file():
+                log.info("skip %s: %s exists", task.key, path)
+                continue
+            log.info("start %s", task.key)
+            started = time.perf_counter()
+            with redirect_stderr(self.log_stream):
+                result = task.run()
+            result["task_seconds"] = time.perf_counter() - started
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, json.dumps(result, indent=1))
+            log.info("done %s in %.1f s", task.key, result["task_seconds"])
+
+    # ---- training runs ------------------------------------------------------------------------
+
+    def run_config(self, spec: RunSpec) -> Config:
+        overrides = spec.overrides() + [f"train.out_dir={run_dir(self.out, spec)}",
+                                        f"train.device={self.device.type}"]
+        if spec.variant.name == DISCRIMINATIVE:
+            overrides.append(f"train.steps={self.equal_time_steps(spec)}")
+        return load_config(spec.dataset, overrides)
+
+    def equal_time_steps(self, spec: RunSpec) -> int:
+        """Steps of the twin that take as long as the reshaped run's steps, by the cost experiment's
+        measured time per training step of each."""
+        cases = read_result(self.out, COST_KEY)["cases"]
+        ratio = cases["train/reshaped"]["seconds_per_call"] / cases["train/discriminative"]["seconds_per_call"]
+        return max(1, round(spec.budget.steps * ratio))
+
+    def release_checkpoints(self, spec: RunSpec) -> None:
+        """Keep only the final checkpoint of a run whose tasks are done (or none, if so asked)."""
+        folder = run_dir(self.out, spec)
+        if self.keep_checkpoints:
+            prune_checkpoints(folder, 1)
+        else:
+            shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)
+
+    def train_run(self, spec: RunSpec, needed_later: bool) -> dict:
+        config = self.run_config(spec)
+        folder = run_dir(self.out, spec)
+        latest = latest_checkpoint(folder)
+        if latest is None and folder.exists():
+            shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
+        record = {"key": spec.key, "dataset": spec.dataset, "variant": spec.variant.name,
+                  "budget": spec.budget_name, "seed": spec.seed, "overrides": spec.overrides(),
+                  "steps_planned": config.train.steps, "batch_size": config.train.batch_size}
+        # a run whose final checkpoint exists only lacks its result file: evaluate it, do not retrain
+        if latest is None or read_checkpoint(latest).step < config.train.steps:
+            try:
+                train(config, resume=latest is not None)
+            except TrainingDiverged as error:
+                log.warning("%s diverged: %s", spec.key, error)
+                return {**record, "status": "diverged", "diverged_at": error.step, "message": str(error)}
+        final = latest_checkpoint(folder)
+        segmenter, info = load_segmenter(final)
+        test = load_split(config, config.eval.split)
+        evaluation = evaluate_dataset(segmenter, test, info.num_classes, [config.eval.steps],
+                                      self.preset.eval_samples)[0]
+        train_seconds = load_train_state(final)["elapsed"]
+        if not needed_later:
+            self.release_checkpoints(spec)
+        metrics = evaluation.metrics
+        return {**record, "status": "done", "steps": info.step, "train_seconds": train_seconds,
+                "curve": validation_curve(folder / "metrics.jsonl"),
+                "test": {"split": config.eval.split, "images": min(len(test), self.preset.eval_samples),
+                         "sampler_steps": evaluation.steps, "miou": _nan_to_none(metrics.miou),
+                         "pixel_accuracy": metrics.pixel_accuracy,
+                         "mean_class_accuracy": _nan_to_none(metrics.mean_class_accuracy),
+                         "iou": [_nan_to_none(v) for v in metrics.iou],
+                         "seconds_per_image": evaluation.seconds_per_image}}
+
+    def _finished_run(self, spec: RunSpec) -> tuple[Path, Config] | None:
+        """The final checkpoint and config of a run that trained to the end (None if it diverged)."""
+        if read_result(self.out, f"train/{spec.key}")["status"] != "done":
+            return None
+        final = latest_checkpoint(run_dir(self.out, spec))
+        return final, config_from_yaml(read_checkpoint(final).config_yaml)
+
+    def _test_batch(self, config: Config, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        test = load_split(config, config.eval.split)
+        samples = [test[i] for i in range(min(count, len(test)))]
+        return (torch.stack([s["image"] for s in samples]).to(self.device),
+                torch.stack([s["label"] for s in samples]).to(self.device))
+
+    # ---- 4. sampling steps --------------------------------------------------------------------
+
+    def sampling_sweep(self, spec: RunSpec) -> dict:
+        finished = self._finished_run(spec)
+        if finished is None:
+            return {"key": spec.key, "status": "diverged"}
+        final, config = finished
+        test = load_split(config, config.eval.split)
+        record = {"key": spec.key, "status": "done", "images": min(len(test), self.preset.sweep_samples)}
+        for method, counts in (("euler", self.preset.euler_sweep), ("heun", self.preset.heun_sweep)):
+            segmenter, info = load_segmenter(final, [f"eval.sampler={method}"])
+            results = evaluate_dataset(segmenter, test, info.num_classes, list(counts), self.preset.sweep_samples)
+            record[method] = [{"steps": r.steps, "miou": _nan_to_none(r.metrics.miou),
+                               "seconds_per_image": r.seconds_per_image} for r in results]
+        return record
+
+    # ---- 6. diagnostics -----------------------------------------------------------------------
+
+    def diagnostics(self, spec: RunSpec) -> dict:
+        """(a) the training signal profile at every checkpoint (raw weights: the ones being trained),
+        (b) traversal along the final EMA model's trajectories and along straight paths."""
+        finished = self._finished_run(spec)
+        if finished is None:
+            return {"key": spec.key, "status": "diverged"}
+        final, config = finished
+        folder = run_dir(self.out, spec)
+        image, labels = self._test_batch(config, self.preset.diag_samples)
+        signal = []
+        for checkpoint in list_checkpoints(folder):
+            step = read_checkpoint(checkpoint).step
+            model, encoding = build_network(config, read_checkpoint(checkpoint).num_classes)
+            fit_state_dict(model, load_weights(checkpoint, "model"), f"checkpoint {checkpoint}")
+            objective = FlowMatchingObjective(encoding.to(self.device), config.objective)
+            profile = measure_signal(objective, model.to(self.device).eval(), image, labels,
+                                     self.preset.diag_draws, min(1.0, step / config.train.steps), seed=spec.seed)
+            signal.append({"step": step, **asdict(profile)})
+        segmenter, _ = load_segmenter(final)
+        sampled = sampled_traversal(segmenter.model, segmenter.encoding, image, labels, config.eval.steps)
+        straight = straight_traversal(segmenter.encoding, image, labels, config.eval.steps)
+        self.release_checkpoints(spec)
+        return {"key": spec.key, "status": "done", "images": image.shape[0], "signal": signal,
+                "traversal": asdict(sampled), "straight_traversal": asdict(straight),
+                "sampler_steps": config.eval.steps}
