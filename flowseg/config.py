@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from flowseg.distributed import DEVICES, PRECISIONS
 from flowseg.objective import ObjectiveConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -117,8 +118,8 @@ class TrainConfig:
             _check_positive("train", name, getattr(self, name), allow_zero=True)
         _check_positive("train", "minutes", self.minutes)
         _check_positive("train", "val_samples", self.val_samples)
-        _check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("train", "device", self.device, DEVICES)
+        _check_choice("train", "precision", self.precision, PRECISIONS)
 
 
 @dataclass

@@ -31,6 +31,7 @@ class DistContext:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -49,22 +50,27 @@ def setup(device: str = "auto") -> DistContext:
     device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". Each rank drives the GPU of its
     LOCAL_RANK, so one node runs one process per GPU.
     """
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
-    else:
-        torch_device = torch.device("cpu")
+    torch_device = resolve_device(device, local_rank)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" = this rank's GPU when CUDA is available, else the CPU; "cpu"; "cuda"."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for (train.device) but torch sees no CUDA device")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
 
 
 def cleanup() -> None:
@@ -101,9 +107,6 @@ def shard_indices(length: int, rank: int, world_size: int) -> list[int]:
     Unlike DistributedSampler nothing is padded, so no sample is counted twice in the confusion matrix.
     """
     return list(range(rank, length, world_size))
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def autocast(device: torch.device, precision: str = "auto"):

@@ -1,0 +1,426 @@
+"""Training: flow matching (vanilla or reshaped) or the discriminative twin, on one process or many.
+
+One optimizer step s:
+    lr_s   = lr * min(1, (s + 1) / warmup) * [r + (1 - r) (1 + cos(pi * progress)) / 2]     (cosine)
+    loss   = mean over the W * A micro-batches of the objective (W ranks x A accumulation steps)
+    theta <- AdamW(theta, clip(grad loss)),  theta_ema <- beta theta_ema + (1 - beta) theta
+progress = max(s / train.steps, elapsed / train.minutes) in [0, 1], so the schedule ends with
+whichever budget ends first.
+
+Determinism. Every random choice of a step is keyed by the sample's place in one global stream, not
+by the process that draws it: the data order is a permutation per epoch drawn from (seed, epoch),
+augmentation of the sample at stream position q is seeded from (seed, q), and the flow times t of
+micro-batch m of step s come from a generator seeded with (seed, s, m). Rank r owns micro-batches
+m = r A, ..., r A + A - 1. So W ranks with A micro-batches each compute the same step as one process
+with W * A micro-batches, and a run resumed at a checkpoint continues exactly as if uninterrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from flowseg.checkpoint import (
+    CHECKPOINTS_DIR, ensure_writable_dir, fit_state_dict, latest_checkpoint, load_train_state, load_weights, prune_checkpoints,
+    read_checkpoint, save_checkpoint, step_dir_name, write_atomically,
+)
+from flowseg.config import Config, OptimConfig, config_from_yaml, to_yaml
+from flowseg.data import SegmentationDataset
+from flowseg.distributed import DistContext, any_rank, autocast, broadcast_float, cleanup, setup
+from flowseg.encoding import CategoryEncoding
+from flowseg.evaluate import evaluate_dataset, load_split
+from flowseg.metrics import SegmentationMetrics
+from flowseg.objective import FlowMatchingObjective, LossOutput, discriminative_loss
+from flowseg.predict import Segmenter, build_network
+
+log = logging.getLogger("flowseg.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/inf; nothing was saved after the last good checkpoint."""
+
+    def __init__(self, step: int, last_checkpoint: Path | None):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
+            "no checkpoint had been written yet"
+        super().__init__(f"training diverged at step {step}: the network output, loss or gradient became "
+                         f"NaN/inf; stopped without saving, {kept} (try a lower optim.lr or a longer "
+                         "optim.warmup_steps)")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int                          # optimizer steps done
+    checkpoint: Path                   # the final checkpoint
+    elapsed_seconds: float             # training time, resumed sessions included
+    stopped_by: str                    # "steps" or "time"
+    validation: SegmentationMetrics | None
+
+
+def learning_rate(optim: OptimConfig, step: int, progress: float) -> float:
+    """lr_s = lr * warm-up factor * schedule factor (module docstring); step counts from 0."""
+    warmup = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+    if optim.schedule == "constant":
+        return optim.lr * warmup
+    floor = optim.min_lr_ratio
+    return optim.lr * warmup * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class ExponentialMovingAverage:
+    """theta_ema <- beta theta_ema + (1 - beta) theta with beta = min(decay, (1 + n) / (10 + n)) at the
+    n-th update: the short warm-up keeps early, random weights from dominating a short run's average."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        beta = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for averaged, current in zip(self.model.parameters(), model.parameters()):
+            averaged.lerp_(current.detach(), 1.0 - beta)
+        for averaged, current in zip(self.model.buffers(), model.buffers()):
+            averaged.copy_(current)
+        self.updates += 1
+
+
+def mix_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class StepBatches(Sampler):
+    """This rank's micro-batches of (dataset index, stream position), step after step, endlessly.
+
+    Step s covers stream positions [s B, (s + 1) B); micro-batch m of its W * A holds positions
+    s B + m b ... s B + (m + 1) b - 1, b = B / (W A). Position q is sample perm_e[q mod n] of epoch
+    e = q div n, perm_e a permutation of the n samples drawn from (seed, e).
+    """
+
+    def __init__(self, length: int, batch_size: int, world_size: int, rank: int, grad_accum: int,
+                 seed: int, start_step: int = 0):
+        if batch_size % (world_size * grad_accum):
+            raise ValueError(f"train.batch_size ({batch_size}) must be divisible by the number of ranks "
+                             f"({world_size}) times train.grad_accum ({grad_accum})")
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.micro = batch_size // (world_size * grad_accum)
+        self.first_micro, self.grad_accum, self.start_step = rank * grad_accum, grad_accum, start_step
+        self._epoch, self._permutation = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.length
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            self._epoch, self._permutation = epoch, torch.randperm(self.length, generator=generator).tolist()
+        return self._permutation[position % self.length]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in count(self.start_step):
+            for micro in range(self.first_micro, self.first_micro + self.grad_accum):
+                first = step * self.batch_size + micro * self.micro
+                yield [(self._index(q), q) for q in range(first, first + self.micro)]
+
+
+class KeyedSamples(Dataset):
+    """dataset[index] drawn with torch's RNG seeded from (seed, stream position), so random
+    augmentation depends only on the sample's place in the stream (not on rank, worker or resume)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, position = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, position, 1))
+            return self.dataset[index]
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # weight decay on matrices only: decaying norm gains and biases towards 0 only hurts
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per event), optional TensorBoard, on rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard is not installed: logging to metrics.jsonl only")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _configure_logging(run_dir: Path, is_main: bool) -> None:
+    log.setLevel(logging.DEBUG if is_main else logging.WARNING)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    if not is_main:
+        return
+    file_handler = logging.FileHandler(run_dir / "train.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    stream_handler = logging.StreamHandler()
+    stream_handler.setLevel(logging.INFO)  # per-step lines (DEBUG) go to the file only
+    stream_handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(file_handler)
+    log.addHandler(stream_handler)
+
+
+class Trainer:
+    """Holds one run's state; `run()` trains to the step/time budget and returns a TrainResult."""
+
+    def __init__(self, config: Config, context: DistContext, resume: bool,
+                 network: tuple[nn.Module, CategoryEncoding | None] | None,
+                 datasets: tuple[SegmentationDataset, SegmentationDataset] | None):
+        self.config, self.context = config, context
+        self.device = context.device
+        self.run_dir = ensure_writable_dir(config.train.out_dir)
+        existing = latest_checkpoint(self.run_dir)
+        if existing is not None and not resume:
+            raise ValueError(f"{self.run_dir} already holds checkpoints (newest: {existing.name}); pass "
+                             "--resume to continue that run, or set train.out_dir to a new folder")
+        _configure_logging(self.run_dir, context.is_main)
+
+        self.train_set, self.val_set = datasets or (load_split(config, config.data.train_split, training=True),
+                                                    load_split(config, config.data.val_split))
+        self.num_classes = self.train_set.num_classes
+        if self.val_set.num_classes != self.num_classes:
+            raise ValueError(f"training split has {self.num_classes} classes but validation split has "
+                             f"{self.val_set.num_classes}")
+
+        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+        model, self.encoding = network or build_network(config, self.num_classes)
+        if config.model.pretrained:
+            from flowseg.models.pixnerd import load_pixnerd_checkpoint
+            log.info("%s", load_pixnerd_checkpoint(model, config.model.pretrained, strict=False))
+        self.model = model.to(self.device)
+        self.ema = ExponentialMovingAverage(self.model, config.optim.ema_decay)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, config.optim.weight_decay), lr=config.optim.lr,
+            betas=(config.optim.beta1, config.optim.beta2))
+        self.objective = FlowMatchingObjective(self.encoding, config.objective) if self.encoding else None
+        self.step, self.elapsed_before = 0, 0.0
+        self.last_checkpoint = existing
+        if existing is not None:
+            self._resume_from(existing)
+        torch.manual_seed(mix_seed(config.train.seed, context.rank, self.step))  # per-rank global RNG
+        if context.is_main:
+            write_atomically(self.run_dir / "config.yaml", to_yaml(config))
+        self.network = DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        ) if context.is_distributed else self.model
+        self.metrics = MetricsLog(self.run_dir, context.is_main, config.train.tensorboard)
+
+    def _resume_from(self, checkpoint: Path) -> None:
+        info = read_checkpoint(checkpoint)
+        saved = config_from_yaml(info.config_yaml, origin=f"config of checkpoint {checkpoint}")
+        changed = [f"model.{key}: checkpoint {getattr(saved.model, key)!r}, now {getattr(self.config.model, key)!r}"
+                   for key in vars(saved.model) if getattr(saved.model, key) != getattr(self.config.model, key)]
+        if changed:
+            raise ValueError(f"cannot resume {checkpoint} with another model ({'; '.join(changed)})")
+        if info.num_classes != self.num_classes:
+            raise ValueError(f"cannot resume {checkpoint}: it has {info.num_classes} classes, the dataset "
+                             f"{self.config.data.name!r} has {self.num_classes}")
+        fit_state_dict(self.model, load_weights(checkpoint, "model"), f"checkpoint {checkpoint}")
+        fit_state_dict(self.ema.model, load_weights(checkpoint, "ema"), f"checkpoint {checkpoint}")
+        state = load_train_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.elapsed_before, self.ema.updates = state["step"], state["elapsed"], state["ema_updates"]
+        if self.context.is_main:
+            torch.set_rng_state(state["torch_rng"])
+        log.info("resumed %s at step %d", checkpoint, self.step)
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _finite(self, output: torch.Tensor) -> torch.Tensor:
+        """The network output with NaN/inf replaced by 0, remembering that it happened.
+
+        A non-finite output ends training, but only after this step's backward pass: under DDP every
+        rank must reach the same gradient all-reduce, so the step runs to the end on zeros and is then
+        thrown away (see _train_step).
+        """
+        finite = torch.isfinite(output)
+        self.nonfinite_output |= ~finite.all()
+        return torch.where(finite, output, 0.0)
+
+    def _micro_loss(self, batch: dict, progress: float, generator: torch.Generator) -> LossOutput:
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        with autocast(self.device, self.config.train.precision):
+            if self.objective is None:
+                return discriminative_loss(self._finite(self.network(image).float()), label)
+            return self.objective(lambda x, t, img: self._finite(self.network(x, t, img).float()), image, label,
+                                  progress=progress, generator=generator)
+
+    def _train_step(self, batches: Iterator[dict], progress: float) -> dict:
+        config, accum = self.config, self.config.train.grad_accum
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(config.optim, self.step, progress)
+        losses, outputs = [], None
+        self.nonfinite_output = torch.zeros((), dtype=torch.bool, device=self.device)
+        for micro in range(accum):
+            global_micro = self.context.rank * accum + micro
+            generator = torch.Generator(self.device).manual_seed(mix_seed(config.train.seed, self.step, global_micro))
+            last = micro == accum - 1
+            with nullcontext() if last or not self.context.is_distributed else self.network.no_sync():
+                outputs = self._micro_loss(next(batches), progress, generator)
+                (outputs.loss / accum).backward()
+            losses.append(outputs.loss.detach())
+        loss = torch.stack(losses).mean()
+        max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        diverged = bool(self.nonfinite_output) or not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if any_rank(diverged, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(self.step + 1, self.last_checkpoint)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self.step += 1
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
+                **{k: v for k, v in outputs.metrics.items() if k != "loss"}}
+
+    # ---- validation and checkpoints -----------------------------------------------------------
+
+    def validate(self) -> SegmentationMetrics:
+        segmenter = Segmenter(self.ema.model, self.encoding, self.config, self.device)
+        result = evaluate_dataset(segmenter, self.val_set, self.num_classes, [self.config.eval.steps],
+                                  self.config.train.val_samples, self.context)[0]
+        metrics = result.metrics
+        self.metrics.write({"kind": "val", "step": self.step, "miou": metrics.miou,
+                            "pixel_accuracy": metrics.pixel_accuracy,
+                            "mean_class_accuracy": metrics.mean_class_accuracy})
+        log.info("step %d: validation mIoU %.4f, pixel accuracy %.4f", self.step, metrics.miou,
+                 metrics.pixel_accuracy)
+        return metrics
+
+    def save(self, elapsed: float) -> Path:
+        if self.context.is_main:
+            train_state = {"step": self.step, "elapsed": elapsed, "ema_updates": self.ema.updates,
+                           "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                           "world_size": self.context.world_size}
+            path = save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.ema.model.state_dict(),
+                                   train_state, to_yaml(self.config), self.train_set.class_names,
+                                   self.train_set.palette)
+            prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints)
+            log.info("step %d: saved %s", self.step, path)
+        if dist.is_initialized():
+            dist.barrier()
+        self.last_checkpoint = self.run_dir / CHECKPOINTS_DIR / step_dir_name(self.step)
+        return self.last_checkpoint
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _batches(self) -> tuple[DataLoader, Iterator[dict]]:
+        config, context = self.config, self.context
+        sampler = StepBatches(len(self.train_set), config.train.batch_size, context.world_size, context.rank,
+                              config.train.grad_accum, config.train.seed, self.step)
+        loader = DataLoader(KeyedSamples(self.train_set, config.train.seed), batch_sampler=sampler,
+                            num_workers=config.data.num_workers, pin_memory=self.device.type == "cuda")
+        return loader, iter(loader)
+
+    def run(self) -> TrainResult:
+        config = self.config.train
+        budget = config.minutes * 60 if config.minutes else math.inf
+        started = time.monotonic() - self.elapsed_before
+        loader, batches = self._batches()
+        bar = None
+        if self.context.is_main and config.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        log.info("training %s (%d classes) on %s x %d rank(s) from step %d to %d%s; run folder %s",
+                 self.config.model.size, self.num_classes, self.device.type, self.context.world_size, self.step,
+                 config.steps, f" or {config.minutes} min" if config.minutes else "", self.run_dir)
+        validation, validated_at, saved_at = None, -1, -1
+        try:
+            while True:
+                # rank 0's clock decides, so a time budget stops every rank at the same step
+                elapsed = broadcast_float(time.monotonic() - started, self.device)
+                if self.step >= config.steps or elapsed >= budget:
+                    break
+                progress = min(1.0, max(self.step / config.steps, elapsed / budget))
+                figures = self._train_step(batches, progress)
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    loss = figures.pop("loss")
+                    if dist.is_initialized():
+                        dist.all_reduce(loss)
+                        loss = loss / self.context.world_size
+                    record = {"kind": "train", "step": self.step, "loss": float(loss), "elapsed": elapsed, **figures}
+                    self.metrics.write(record)
+                    log.debug("%s", record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{figures['lr']:.2e}")
+                if bar is not None:
+                    bar.update(1)
+                if config.val_every and self.step % config.val_every == 0:
+                    validation, validated_at = self.validate(), self.step
+                if config.ckpt_every and self.step % config.ckpt_every == 0:
+                    self.save(time.monotonic() - started)
+                    saved_at = self.step
+        finally:
+            if bar is not None:
+                bar.close()
+            del batches, loader
+        elapsed = time.monotonic() - started
+        if validated_at != self.step:
+            validation = self.validate()
+        checkpoint = self.last_checkpoint if saved_at == self.step else self.save(elapsed)
+        self.metrics.close()
+        stopped_by = "steps" if self.step >= config.steps else "time"
+        log.info("stopped by the %s budget at step %d after %.1f s", stopped_by, self.step, elapsed)
+        return TrainResult(self.run_dir, self.step, checkpoint, elapsed, stopped_by, validation)
+
+
+def train(config: Config, resume: bool = False, context: DistContext | None = None,
+          network: tuple[nn.Module, CategoryEncoding | None] | None = None,
+          datasets: tuple[SegmentationDataset, SegmentationDataset] | None = None) -> TrainResult:
+    """Train as `config` says, in the process group torchrun set up (or one process).
+
+    network / datasets replace the ones the config describes (model + encoding; train and val split).
+    """
+    owns_group = context is None
+    context = context or setup(config.train.device)
+    try:
+        return Trainer(config, context, resume, network, datasets).run()
+    finally:
+        if owns_group:
+            cleanup()

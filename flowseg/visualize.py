@@ -1,0 +1,111 @@
+"""Pictures of results: palette label maps, overlays, confidence maps and training curves.
+
+Everything is drawn off-screen (matplotlib's Agg canvas, no pyplot state) and every file is written
+atomically, so an interrupted run never leaves a truncated PNG behind.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import Tensor
+
+from flowseg.checkpoint import write_atomically
+from flowseg.encoding import IGNORE_INDEX
+
+IGNORE_COLOUR = (224, 224, 192)  # the colour PASCAL VOC uses for its void border
+
+
+def _as_numpy(x: Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def colorize(labels: Tensor | np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 colours; IGNORE_INDEX gets IGNORE_COLOUR."""
+    labels = _as_numpy(labels).astype(np.int64)
+    palette = np.asarray(palette, dtype=np.uint8)
+    known = (labels >= 0) & (labels < len(palette))
+    if not (known | (labels == IGNORE_INDEX)).all():
+        raise ValueError(f"labels hold values outside [0, {len(palette)}) and {IGNORE_INDEX}: "
+                         f"{np.unique(labels[~known & (labels != IGNORE_INDEX)])[:10].tolist()}")
+    colours = np.empty((*labels.shape, 3), dtype=np.uint8)
+    colours[known] = palette[labels[known]]
+    colours[~known] = IGNORE_COLOUR
+    return colours
+
+
+def image_to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    image = _as_numpy(image)
+    return np.clip(np.rint((image.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def overlay(image: Tensor | np.ndarray, labels: Tensor | np.ndarray, palette: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
+    """(H, W, 3) uint8: (1 - alpha) image + alpha colour(label); ignore pixels show the image alone."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    rgb = image_to_uint8(image).astype(np.float32)
+    colours = colorize(labels, palette).astype(np.float32)
+    if rgb.shape != colours.shape:
+        raise ValueError(f"image {rgb.shape[:2]} and labels {colours.shape[:2]} differ in size")
+    labelled = (_as_numpy(labels) != IGNORE_INDEX)[..., None]
+    blended = np.where(labelled, (1 - alpha) * rgb + alpha * colours, rgb)
+    return np.rint(blended).astype(np.uint8)
+
+
+def confidence_image(confidence: Tensor | np.ndarray, low: float = 0.0) -> np.ndarray:
+    """(H, W) confidence in [low, 1] -> (H, W, 3) uint8 through the viridis colour map (dark = unsure)."""
+    values = (_as_numpy(confidence).astype(np.float64) - low) / max(1.0 - low, 1e-12)
+    return (colormaps["viridis"](np.clip(values, 0.0, 1.0))[..., :3] * 255).round().astype(np.uint8)
+
+
+def _png_bytes(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_rgb_png(rgb: np.ndarray, path: str | Path) -> None:
+    write_atomically(path, _png_bytes(Image.fromarray(np.asarray(rgb, dtype=np.uint8), mode="RGB")))
+
+
+def save_label_png(labels: Tensor | np.ndarray, palette: np.ndarray, path: str | Path) -> None:
+    """An indexed ("P") PNG: pixel values are the class ids, the file's palette their colours."""
+    labels = _as_numpy(labels)
+    colorize(labels, palette)  # validates the ids
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[:len(palette)] = palette
+    table[IGNORE_INDEX] = IGNORE_COLOUR
+    picture = Image.fromarray(labels.astype(np.uint8), mode="P")
+    picture.putpalette(table.flatten().tolist())
+    write_atomically(path, _png_bytes(picture))
+
+
+def plot_training_curves(records: Iterable[dict], path: str | Path) -> None:
+    """Training loss and validation mIoU against the step, from metrics.jsonl records."""
+    records = list(records)
+    train = [r for r in records if r.get("kind") == "train" and math.isfinite(r.get("loss", math.nan))]
+    val = [r for r in records if r.get("kind") == "val"]
+    figure = Figure(figsize=(9, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    loss_axes, miou_axes = figure.subplots(1, 2)
+    loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    loss_axes.set(xlabel="step", ylabel="training loss", yscale="log" if train else "linear",
+                  title="loss")
+    miou_axes.plot([r["step"] for r in val], [r["miou"] for r in val], marker="o")
+    miou_axes.set(xlabel="step", ylabel="mIoU", ylim=(0, 1), title="validation mIoU")
+    for axes in (loss_axes, miou_axes):
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_atomically(path, buffer.getvalue())

@@ -1,0 +1,217 @@
+"""Training loop: schedule and EMA closed forms, the data stream, runs, resume, divergence, bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flowseg.checkpoint import list_checkpoints, load_train_state, load_weights
+from flowseg.config import OptimConfig, load_config
+from flowseg.data import build_dataset
+from flowseg.predict import build_network
+from flowseg.train import ExponentialMovingAverage, KeyedSamples, StepBatches, TrainingDiverged, learning_rate, train
+
+TINY = ["data.name=shapes", "data.image_size=16", "data.augment=null", "data.options.length=12",
+        "model.size=T/8", "train.batch_size=4", "train.steps=4", "train.log_every=1", "train.val_every=0",
+        "train.ckpt_every=2", "train.keep_checkpoints=0", "train.val_samples=4", "train.progress=false",
+        "train.tensorboard=false", "train.device=cpu", "optim.warmup_steps=2", "eval.steps=2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one thread is as fast, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, [*TINY, f"train.out_dir={tmp_path / 'run'}", *extra])
+
+
+def tiny_datasets(train_size=12):
+    return (build_dataset("shapes", "train", image_size=16, length=train_size),
+            build_dataset("shapes", "val", image_size=16, length=4))
+
+
+# ---- closed forms ------------------------------------------------------------------------------
+
+def test_learning_rate_warmup_and_cosine_closed_form():
+    optim = OptimConfig(lr=2.0, warmup_steps=4, min_lr_ratio=0.1)
+    assert learning_rate(optim, 0, 0.0) == pytest.approx(0.5)            # (0 + 1) / 4 of the peak
+    assert learning_rate(optim, 3, 0.0) == pytest.approx(2.0)
+    assert learning_rate(optim, 10, 0.5) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert learning_rate(optim, 10, 1.0) == pytest.approx(0.2)           # floor at the end
+    assert learning_rate(optim, 10, 0.25) == pytest.approx(2.0 * (0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2))
+    constant = OptimConfig(lr=2.0, warmup_steps=0, schedule="constant")
+    assert learning_rate(constant, 0, 0.9) == 2.0
+
+
+def test_ema_matches_the_closed_form_product():
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(0.0)
+    ema = ExponentialMovingAverage(model, decay=0.5)
+    model.weight.data.fill_(1.0)
+    for _ in range(5):
+        ema.update(model)
+    # theta_ema = 1 - prod_n beta_n (theta_ema starts at 0, theta is 1), beta_n = min(0.5, (1 + n) / (10 + n))
+    betas = [min(0.5, (1 + n) / (10 + n)) for n in range(5)]
+    assert ema.model.weight.item() == pytest.approx(1 - np.prod(betas))
+    assert not ema.model.weight.requires_grad
+
+
+# ---- the data stream ---------------------------------------------------------------------------
+
+def test_ranks_and_micro_batches_split_the_same_global_batches():
+    single = iter(StepBatches(10, batch_size=4, world_size=1, rank=0, grad_accum=2, seed=3))
+    ranks = [iter(StepBatches(10, batch_size=4, world_size=2, rank=r, grad_accum=1, seed=3)) for r in range(2)]
+    for _ in range(7):  # crosses epoch boundaries (10 samples, 4 per step)
+        assert next(single) + next(single) == next(ranks[0]) + next(ranks[1])
+
+
+def test_each_epoch_visits_every_sample_once_in_a_seeded_order():
+    stream = iter(StepBatches(6, batch_size=3, world_size=1, rank=0, grad_accum=1, seed=0))
+    drawn = [item for _ in range(4) for item in next(stream)]
+    assert [position for _, position in drawn] == list(range(12))
+    first, second = [index for index, _ in drawn[:6]], [index for index, _ in drawn[6:]]
+    assert sorted(first) == sorted(second) == list(range(6)) and first != second
+    again = iter(StepBatches(6, batch_size=3, world_size=1, rank=0, grad_accum=1, seed=0, start_step=2))
+    assert next(again) == drawn[6:9]  # resuming at step 2 continues the same stream
+    other_seed = iter(StepBatches(6, batch_size=3, world_size=1, rank=0, grad_accum=1, seed=1))
+    assert [i for _ in range(2) for i, _ in next(other_seed)] != first
+
+
+def test_indivisible_batch_is_rejected():
+    with pytest.raises(ValueError, match=r"batch_size \(6\) must be divisible by the number of ranks \(4\)"):
+        StepBatches(10, batch_size=6, world_size=4, rank=0, grad_accum=1, seed=0)
+
+
+def test_augmentation_depends_on_the_stream_position_only():
+    dataset = build_dataset("shapes", "train", image_size=16, augment=True, length=4)
+    keyed = KeyedSamples(dataset, seed=5)
+    first = keyed[(1, 7)]["image"]
+    keyed[(2, 3)]
+    torch.rand(10)  # unrelated use of the global RNG
+    assert torch.equal(keyed[(1, 7)]["image"], first)
+    assert not torch.equal(keyed[(1, 8)]["image"], first)
+
+
+# ---- runs --------------------------------------------------------------------------------------
+
+def test_a_run_writes_config_logs_metrics_and_checkpoints(tmp_path):
+    config = tiny_config(tmp_path, "train.val_every=2")
+    result = train(config, datasets=tiny_datasets())
+    run = tmp_path / "run"
+    assert result.step == 4 and result.stopped_by == "steps"
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004"]
+    assert result.checkpoint == run / "checkpoints" / "step_00000004"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [2, 4]
+    assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    assert 0.0 <= result.validation.miou <= 1.0
+    assert (run / "config.yaml").read_text().count("image_size: 16") == 1
+    assert "stopped by the steps budget" in (run / "train.log").read_text()
+
+
+def test_twin_learns_a_small_training_set(tmp_path):
+    """The loop optimises: the discriminative twin fits 4 shapes images far better than at the start."""
+    config = tiny_config(tmp_path, "model.kind=discriminative", "train.steps=40", "train.ckpt_every=0",
+                         "optim.lr=3e-3", "optim.ema_decay=0.0", "train.val_samples=4", "eval.split=train")
+    train_set, _ = tiny_datasets(train_size=4)
+    losses = []
+    result = train(config, datasets=(train_set, train_set))
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            losses.append(record["loss"])
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert result.validation.pixel_accuracy > 0.8
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAfter(torch.utils.data.Dataset):
+    """Wraps a dataset and raises after `calls` reads (a process killed mid-run)."""
+
+    def __init__(self, dataset, calls):
+        self.dataset, self.calls = dataset, calls
+        self.class_names, self.palette, self.num_classes = dataset.class_names, dataset.palette, dataset.num_classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.calls -= 1
+        if self.calls < 0:
+            raise Killed()
+        return self.dataset[index]
+
+
+def test_a_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    steps = ["train.steps=6", "train.ckpt_every=3"]
+    straight = train(tiny_config(tmp_path / "a", *steps), datasets=tiny_datasets())
+    train_set, val_set = tiny_datasets()
+    with pytest.raises(Killed):  # dies while reading step 5's batch, after the step-3 checkpoint
+        train(tiny_config(tmp_path / "b", *steps), datasets=(DiesAfter(train_set, 4 * 4 + 1), val_set))
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == ["step_00000003"]
+    resumed = train(tiny_config(tmp_path / "b", *steps), resume=True, datasets=tiny_datasets())
+    assert resumed.step == 6
+    for which in ("model", "ema"):
+        expected, actual = load_weights(straight.checkpoint, which), load_weights(resumed.checkpoint, which)
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+    expected_state = load_train_state(straight.checkpoint)["optimizer"]["state"]
+    actual_state = load_train_state(resumed.checkpoint)["optimizer"]["state"]
+    for key in expected_state:
+        torch.testing.assert_close(actual_state[key]["exp_avg_sq"], expected_state[key]["exp_avg_sq"],
+                                   rtol=0, atol=1e-8)
+
+
+def test_an_existing_run_needs_resume(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=2"), datasets=tiny_datasets())
+    with pytest.raises(ValueError, match="already holds checkpoints .*pass --resume"):
+        train(tiny_config(tmp_path, "train.steps=2"), datasets=tiny_datasets())
+
+
+def test_resume_with_another_model_is_refused(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=2"), datasets=tiny_datasets())
+    with pytest.raises(ValueError, match=r"another model \(model\.size: checkpoint 'T/8', now 'S/8'\)"):
+        train(tiny_config(tmp_path, "train.steps=4", "model.size=S/8"), resume=True, datasets=tiny_datasets())
+
+
+class NanAfterCalls(torch.nn.Module):
+    """The real model, whose output turns NaN from the `calls`-th forward pass on."""
+
+    def __init__(self, model, calls):
+        super().__init__()
+        self.model, self.size, self.calls = model, model.size, calls
+
+    def forward(self, *args, **kwargs):
+        self.calls -= 1
+        out = self.model(*args, **kwargs)
+        return out + float("nan") if self.calls < 0 else out
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, "train.steps=6", "train.ckpt_every=2")
+    model, encoding = build_network(config, 7)
+    with pytest.raises(TrainingDiverged) as caught:  # steps 1-3 are clean, step 4's loss is NaN
+        train(config, network=(NanAfterCalls(model, 3), encoding), datasets=tiny_datasets())
+    good = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert caught.value.step == 4 and caught.value.last_checkpoint == good
+    assert "diverged at step 4" in str(caught.value) and str(good) in str(caught.value)
+    assert list_checkpoints(tmp_path / "run") == [good]
+    assert load_train_state(good)["step"] == 2
+    assert all(torch.isfinite(v).all() for v in load_weights(good, "model").values())
+
+
+def test_train_and_validation_class_counts_must_agree(tmp_path):
+    mnist = build_dataset("mnist-seg", "val", image_size=16, length=2)
+    with pytest.raises(ValueError, match="training split has 7 classes but validation split has 11"):
+        train(tiny_config(tmp_path), datasets=(tiny_datasets()[0], mnist))
