@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowseg.encoding import IGNORE_INDEX, CategoryEncoding
 from flowseg.flow import image_to_x0
 from flowseg.objective import FlowMatchingObjective, distance_correction
-from flowseg.sampling import integrate
+from flowseg.sampling import VelocityFn, integrate
 
 NEAR_FRACTION = 0.25  # "near its centroid": closer than this fraction of the encoding's minimum spacing
 
@@ -71,7 +71,7 @@ def signal_profile(distance: Tensor, signal: Tensor, valid: Tensor, edges: np.nd
 
 
 @torch.no_grad()
-def measure_signal(objective: FlowMatchingObjective, model: nn.Module, image: Tensor, labels: Tensor,
+def measure_signal(objective: FlowMatchingObjective, model: VelocityFn, image: Tensor, labels: Tensor,
                    draws: int, progress: float, seed: int) -> SignalProfile:
     """The profile of `model`'s own training signal over `draws` independent draws of t per image."""
     generator = torch.Generator(image.device).manual_seed(seed)
@@ -117,11 +117,10 @@ def decode_states(states: Tensor, encoding: CategoryEncoding) -> Tensor:
 
 
 @torch.no_grad()
-def sampled_traversal(model: nn.Module, encoding: CategoryEncoding, image: Tensor, labels: Tensor,
+def sampled_traversal(model: VelocityFn, encoding: CategoryEncoding, image: Tensor, labels: Tensor,
                       steps: int) -> TraversalStats:
     """Traversal of the model's Euler trajectories from x_0 = image."""
-    sample = integrate(lambda x, t, img: model(x, t, img), image_to_x0(image, encoding.dim), image, steps,
-                       return_trajectory=True)
+    sample = integrate(model, image_to_x0(image, encoding.dim), image, steps, return_trajectory=True)
     return traversal_stats(decode_states(sample.trajectory, encoding), labels)
 
 

@@ -1,0 +1,222 @@
+"""flowseg.experiments: diagnostics on cases with known answers, the page's arithmetic, and the
+micro preset end to end (page, figures, skip-on-resume). The numbers of a preset are not tested."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from flowseg.encoding import CategoryEncoding, build_encoding
+from flowseg.experiments import get_preset, run_experiments
+from flowseg.experiments.diagnostics import (
+    field_picture, measure_signal, sampled_traversal, signal_profile, straight_traversal, traversal_stats,
+)
+from flowseg.experiments.plan import REFERENCE, planned_runs
+from flowseg.experiments.presets import Budget
+from flowseg.experiments.report import judge, mean_sd, steps_to_reach
+from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
+
+# ---- (b) trajectory traversing ----------------------------------------------------------------
+
+
+def test_traversal_counts_hand_worked_trajectories():
+    # one row of 5 pixels, true class 0 everywhere but pixel 3 (ignored); 4 states each
+    labels = torch.tensor([[[0, 0, 0, 255, 0]]])
+    paths = [
+        [2, 2, 0, 0],  # starts in a wrong cell, goes straight to the true one: no traversal
+        [2, 1, 0, 0],  # passes through class 1 (a third class): traversal, ends right
+        [0, 0, 3, 3],  # leaves the true cell for class 3 and stays: traversal, ends wrong
+        [1, 1, 1, 1],  # ignore pixel: never counted
+        [1, 1, 1, 1],  # stays in its starting (wrong) cell: no traversal, ends wrong
+    ]
+    decoded = torch.tensor(paths).T.reshape(4, 1, 1, 5)  # (S + 1, B, H, W)
+    stats = traversal_stats(decoded, labels)
+    assert stats.pixels == 4
+    assert stats.traversed == 2 / 4
+    assert stats.ends_wrong == 2 / 4
+    # third class (neither true nor starting class) per state: pixel 2 at state 1, pixel 3 at states 2, 3
+    assert stats.third_class_by_state == [0.0, 1 / 4, 1 / 4, 1 / 4]
+    assert stats.wrong_by_state == [3 / 4, 3 / 4, 2 / 4, 2 / 4]
+
+
+def test_traversal_ignores_the_final_state_and_the_start():
+    labels = torch.zeros(1, 1, 1, dtype=torch.int64)
+    # a third class only at the last state is "ends wrong", not a traversal before the end
+    stats = traversal_stats(torch.tensor([2, 2, 0, 1]).view(4, 1, 1, 1), labels)
+    assert (stats.traversed, stats.ends_wrong) == (0.0, 1.0)
+    # one step: no intermediate state, nothing can be traversed
+    assert traversal_stats(torch.tensor([2, 1]).view(2, 1, 1, 1), labels).traversed == 0.0
+
+
+def line_encoding():
+    """Four 2-d centroids: classes 0, 1, 2 on the x axis at 1, 0, -1; class 3 off it at (0, 1)."""
+    return CategoryEncoding("line", torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]))
+
+
+def image_at(points):
+    """An image whose x_0 under the fixed d = 2 map ((R + B) / 2, G) is the given points, one per pixel."""
+    xs = torch.tensor([p[0] for p in points])
+    ys = torch.tensor([p[1] for p in points])
+    return torch.stack([xs, ys, xs]).view(1, 3, 1, len(points))
+
+
+def test_sampled_trajectory_through_a_third_cell_is_counted():
+    encoding = line_encoding()
+    # both start at x_0 = (-0.9, 0) in class 2's cell; pixel 0 heads for class 0 through class 1's cell
+    # (|x| < 0.5), pixel 1 heads for class 1 itself: only pixel 0 traverses
+    image = image_at([(-0.9, 0.0), (-0.9, 0.0)])
+    labels = torch.tensor([[[0, 1]]])
+    x0 = image[:, [0, 1]]
+    x1 = encoding.encode(labels)
+
+    def ideal_field(x, t, img):  # the exact straight-path velocity v* = x_1 - x_0
+        return x1 - x0
+
+    sampled = sampled_traversal(ideal_field, encoding, image, labels, steps=10)
+    assert (sampled.traversed, sampled.ends_wrong) == (0.5, 0.0)
+    straight = straight_traversal(encoding, image, labels, steps=10)
+    assert (straight.traversed, straight.ends_wrong) == (0.5, 0.0)
+    # a field that stops halfway (v = v*/2) leaves pixel 0 in class 1's cell: wrong at the end
+    stalled = sampled_traversal(lambda x, t, img: 0.5 * (x1 - x0), encoding, image, labels, steps=10)
+    assert stalled.ends_wrong == 0.5
+
+
+# ---- (a) gradient vanishing ----------------------------------------------------------------------
+
+
+def test_signal_profile_bins_by_hand():
+    distance = torch.tensor([0.01, 0.01, 0.5, 5.0, 0.02])
+    signal = torch.tensor([1.0, 3.0, 2.0, 4.0, 100.0])
+    valid = torch.tensor([True, True, True, True, False])
+    profile = signal_profile(distance, signal, valid, edges=[0.001, 0.1, 1.0, 2.0], near_radius=0.05)
+    assert profile.counts == [2, 1, 1]  # 5.0 lies beyond the last edge: last bin; the invalid pixel is out
+    assert profile.mean_signal == [2.0, 2.0, 4.0]
+    assert profile.near_signal == 2.0 and profile.near_fraction == 0.5
+
+
+def test_vanilla_signal_of_a_silent_model_is_the_path_length():
+    # v_theta = 0: x1_hat = x_t, ||x1_hat - mu|| = (1 - t) ||x_1 - x_0|| and the vanilla signal is
+    # ||v*|| = ||x_1 - x_0|| whatever t is: every bin's mean is that one number
+    encoding = build_encoding("kronecker", 5)
+    image = torch.full((2, 3, 4, 4), -0.2)
+    labels = torch.full((2, 4, 4), 3, dtype=torch.int64)
+    objective = FlowMatchingObjective(encoding, ObjectiveConfig(kind="vanilla"))
+    profile = measure_signal(objective, lambda x, t, img: torch.zeros_like(x), image, labels, draws=3,
+                             progress=0.0, seed=0)
+    expected = (encoding.centroids[3] + 0.2).norm().item()
+    means = [m for m in profile.mean_signal if not math.isnan(m)]
+    assert sum(profile.counts) == 3 * 2 * 16
+    assert means and all(m == pytest.approx(expected, rel=1e-5) for m in means)
+
+
+# ---- the vector-field picture ------------------------------------------------------------------
+
+
+def test_field_picture_vanishes_at_the_true_centroid_and_pushes_away_from_the_other():
+    encoding = CategoryEncoding("pair", torch.tensor([[-0.5, 0.0], [0.5, 0.0]]))
+    picture = field_picture(encoding, true_class=0, t=0.5, extent=1.0, points=9)  # grid step 0.25
+    column = {round(float(v), 3): i for i, v in enumerate(picture.grid)}
+    at_true = (slice(None), column[0.0], column[-0.5])      # [component, y, x]
+    assert abs(picture.vanilla[at_true]).max() == 0.0
+    assert abs(picture.reshaped[at_true]).max() < 1e-2      # the fixed point of vanilla is kept
+    between = (slice(None), column[0.0], column[0.25])       # on the axis, nearer the other centroid
+    assert picture.vanilla[between][0] == pytest.approx(-0.75 / 0.5)
+    # attraction to mu_0 and repulsion from mu_1 both point in -x: the reshaped pull is stronger
+    assert picture.reshaped[between][0] < picture.vanilla[between][0]
+    assert picture.reshaped[between][1] == pytest.approx(0.0, abs=1e-12)
+
+
+# ---- the page's arithmetic ---------------------------------------------------------------------
+
+
+def test_steps_to_reach_interpolates_between_validations():
+    curve = [{"step": 10, "miou": 0.2}, {"step": 20, "miou": 0.4}, {"step": 30, "miou": 0.6}]
+    assert steps_to_reach(curve, 0.5) == pytest.approx(25.0)
+    assert steps_to_reach(curve, 0.1) == 10.0     # already there at the first validation
+    assert steps_to_reach(curve, 0.7) is None
+
+
+def test_judge_and_mean_sd():
+    assert judge([0.01, 0.02, 0.03], seeds=3) == "agrees"
+    assert judge([-0.01, -0.02, -0.03], seeds=3) == "disagrees"
+    assert judge([0.05, -0.04, 0.01], seeds=3).startswith("inconclusive")
+    assert judge([0.02], seeds=1) == "agrees (1 seed)"
+    assert judge([], seeds=1) == "not measured"
+    assert mean_sd([0.5, 0.7]) == "60.0 ± 14.1"
+    assert mean_sd([0.5, None]) == "50.0"
+    assert mean_sd([]) == "n/a"
+
+
+def test_runs_are_shared_between_experiments_with_equal_budgets():
+    micro = get_preset("micro")
+    shared = dataclasses.replace(micro, ablation=micro.convergence)
+    keys = [spec.key for spec in planned_runs(shared)]
+    assert len(keys) == len(set(keys))
+    assert sum(f"/{REFERENCE}/" in key and key.startswith(micro.ablation_dataset) for key in keys) == 1
+    assert len(planned_runs(shared)) == len(planned_runs(micro)) - 2  # vanilla and reshaped run once
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="Budget.steps"):
+        Budget(steps=0, batch_size=2, val_every=1, warmup_steps=0)
+    with pytest.raises(ValueError, match="2-d encoding"):
+        field_picture(build_encoding("kronecker", 4), true_class=0)
+    with pytest.raises(ValueError, match="decoded must be"):
+        traversal_stats(torch.zeros(3, 1, 2, 2, dtype=torch.int64), torch.zeros(1, 2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        run_experiments("micro", "unused", threads=0)
+
+
+# ---- the micro preset end to end ------------------------------------------------------------------
+
+FIGURES = ("convergence.png", "ablations.png", "sampling_steps.png", "signal.png", "traversal.png",
+           "vector_field.png")
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    page = run_experiments("micro", root / "out", root / "docs" / "results.md", progress=False,
+                           keep_checkpoints=False)
+    return root, page
+
+
+def result_files(out):
+    return {path: path.stat().st_mtime_ns for path in (out / "results").rglob("*.json")}
+
+
+def test_micro_preset_writes_the_page_and_every_figure(micro_run):
+    root, page = micro_run
+    text = page.read_text()
+    for heading in ("## Set-up", "## Summary", "## 1. Convergence", "## 2. Ablations", "## 3. Category encodings",
+                    "## 4. Sampling steps", "## 5. Generative vs discriminative", "## 6. Diagnostics", "## 7. Cost",
+                    "## Time spent"):
+        assert heading in text
+    for name in FIGURES:
+        figure = page.parent / "figures" / name
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(figures/{name})" in text
+    assert "torch " + torch.__version__ in text and "seeds: 0" in text
+    cost = json.loads((root / "out" / "results" / "cost.json").read_text())
+    assert set(cost["cases"]) >= {"train/vanilla", "train/reshaped", "train/discriminative", "infer/discriminative"}
+    train = [json.loads(p.read_text()) for p in (root / "out" / "results" / "train").rglob("*.json")]
+    assert len(train) == len(planned_runs(get_preset("micro")))
+    assert all(r["status"] == "done" and r["curve"] and r["test"]["images"] == 2 for r in train)
+
+
+def test_micro_preset_skips_finished_tasks_and_redoes_a_missing_one(micro_run):
+    root, page = micro_run
+    out = root / "out"
+    before = result_files(out)
+    run_experiments("micro", out, page, progress=False, keep_checkpoints=False)
+    assert result_files(out) == before  # nothing recomputed
+    missing = next(p for p in before if "/train/mnist-seg/T=sqrt/" in str(p))
+    missing.unlink()
+    run_experiments("micro", out, page, progress=False, keep_checkpoints=False)
+    after = result_files(out)
+    assert set(after) == set(before)
+    assert [p for p in after if after[p] != before[p]] == [missing]
