@@ -167,7 +167,7 @@ def test_bad_input_is_named():
         field_picture(build_encoding("kronecker", 4), true_class=0)
     with pytest.raises(ValueError, match="decoded must be"):
         traversal_stats(torch.zeros(3, 1, 2, 2, dtype=torch.int64), torch.zeros(1, 2, 3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="threads must be >= 1"):
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
         run_experiments("micro", "unused", threads=0)
 
 
@@ -216,7 +216,7 @@ def test_micro_preset_skips_finished_tasks_and_redoes_a_missing_one(micro_run):
     assert result_files(out) == before  # nothing recomputed
     missing = next(p for p in before if "/train/mnist-seg/T=sqrt/" in str(p))
     missing.unlink()
-    run_experiments("micro", out, page, progress=False, keep_checkpoints=False)
+    run_experiments("micro", out, page, progress=False, keep_checkpoints=False, workers=2)  # in a worker process
     after = result_files(out)
     assert set(after) == set(before)
     assert [p for p in after if after[p] != before[p]] == [missing]

@@ -22,7 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for runs and result files (reused to resume)")
     parser.add_argument("--page", default="docs/results.md", help="the results page; figures go to its folder/figures")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared machine more threads can be far slower)")
+                        help="torch CPU threads per process (default 1: on a shared machine more threads "
+                             "can be far slower)")
+    parser.add_argument("--workers", type=int, default=1, help="processes training runs side by side (default 1)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--ade20k", metavar="ROOT", help="also run experiment 1 on ADE20K-layout data at ROOT")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the page from DIR's results")
@@ -32,8 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = "python -m flowseg.experiments " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     try:
-        page = run_experiments(args.preset, args.out, args.page, args.threads, args.device, args.ade20k,
-                               args.report_only, not args.no_progress, command, not args.delete_checkpoints)
+        page = run_experiments(args.preset, args.out, args.page, args.threads, args.workers, args.device,
+                               args.ade20k, args.report_only, not args.no_progress, command,
+                               not args.delete_checkpoints)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

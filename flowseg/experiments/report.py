@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -122,15 +122,22 @@ class Results:
         return {r["seed"]: (r["test"]["miou"] if r["status"] == "done" else None)
                 for r in self.runs(dataset, variant, budget)}
 
-    def task_seconds(self) -> dict[str, float]:
-        """Seconds spent per kind of task (cost, train, sweep, diagnostics) over every result file."""
-        spent: dict[str, float] = {}
+    def every_result(self) -> Iterator[tuple[str, dict]]:
+        """(kind of task: cost, train, sweep, diagnostics; its result) for every result file."""
         results = self.out / "results"
         for path in sorted(results.rglob("*.json")):
-            kind = path.relative_to(results).parts[0].removesuffix(".json")
-            seconds = read_result(self.out, str(path.relative_to(results).with_suffix(""))).get("task_seconds", 0.0)
-            spent[kind] = spent.get(kind, 0.0) + seconds
+            key = path.relative_to(results).with_suffix("")
+            yield key.parts[0], read_result(self.out, str(key))
+
+    def task_seconds(self) -> dict[str, float]:
+        spent: dict[str, float] = {}
+        for kind, result in self.every_result():
+            spent[kind] = spent.get(kind, 0.0) + result.get("task_seconds", 0.0)
         return spent
+
+    def process_layouts(self) -> set[tuple[int, int]]:
+        """(workers, threads) of the sessions that made the results."""
+        return {(r["processes"]["workers"], r["processes"]["threads"]) for _, r in self.every_result() if "processes" in r}
 
 
 def paired_differences(a: dict[int, float | None], b: dict[int, float | None]) -> list[float]:
@@ -519,7 +526,8 @@ class Page:
             f"- Preset: **{p.name}** (sized for <= {p.minutes_target:g} min on 2 CPU cores); seeds: "
             f"{', '.join(map(str, p.seeds))}",
             f"- Hardware: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, GPU: {m.get('gpu') or 'none'}; "
-            f"torch {m.get('torch', '?')} with {m.get('torch_threads', '?')} thread(s); Python {m.get('python', '?')}",
+            f"torch {m.get('torch', '?')}; Python {m.get('python', '?')}; processes: "
+            + ", ".join(f"{w} worker(s) x {t} thread(s)" for w, t in sorted(self.r.process_layouts())),
             f"- Model: {p.model_size} ({params / 1e6:.2f} M parameters), {p.image_size}x{p.image_size} images, "
             f"AdamW lr {p.lr:g} with warm-up and cosine decay, EMA 0.999, no augmentation (generated data is "
             "endless), t ~ U[0, 1]" if params else f"- Model: {p.model_size}",

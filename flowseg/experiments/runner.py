@@ -17,10 +17,12 @@ import logging
 import math
 import shutil
 import time
-from contextlib import redirect_stderr
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 import torch
 from tqdm import tqdm
@@ -41,12 +43,48 @@ from flowseg.train import TrainingDiverged, train
 
 log = logging.getLogger("flowseg.experiments")
 COST_KEY = "cost"
+LOG_FILE = "experiments.log"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a Runner is built from; picklable, so worker processes can build their own."""
+    preset: Preset
+    out: Path
+    device: str = "cpu"
+    threads: int = 1                 # torch threads per process
+    workers: int = 1                 # processes running a phase's tasks side by side
+    ade20k_root: str | None = None
+    keep_checkpoints: bool = True    # False: delete a run's checkpoints once no task needs them
 
 
 @dataclass
 class Task:
-    key: str                       # result file OUT/results/<key>.json
+    key: str                         # result file OUT/results/<key>.json
+    phase: int                       # 0 cost, 1 training runs, 2 sweeps and diagnostics: each needs earlier phases only
     run: Callable[[], dict]
+
+
+@contextmanager
+def open_log(out: Path) -> Iterator[TextIO]:
+    """Append this process's experiment log lines (and, via redirect_stderr, the trainer's) to OUT/LOG_FILE."""
+    with open(out / LOG_FILE, "a", buffering=1) as stream:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        try:
+            yield stream
+        finally:
+            log.removeHandler(handler)
+
+
+def _run_in_worker(settings: Settings, key: str) -> None:
+    torch.set_num_threads(settings.threads)
+    with open_log(settings.out) as stream:
+        runner = Runner(settings, stream)
+        runner.execute(next(task for task in runner.tasks() if task.key == key))
 
 
 def result_path(out: Path, key: str) -> Path:
@@ -78,42 +116,58 @@ def _nan_to_none(value: float) -> float | None:
 
 
 class Runner:
-    def __init__(self, preset: Preset, out: Path, device: torch.device, log_stream: TextIO,
-                 ade20k_root: str | None = None, keep_checkpoints: bool = True):
-        self.preset, self.out, self.device, self.log_stream = preset, out, device, log_stream
-        self.runs = planned_runs(preset, ade20k_root)
-        self.keep_checkpoints = keep_checkpoints  # False: delete a run's checkpoints once no task needs them
+    def __init__(self, settings: Settings, log_stream: TextIO):
+        self.settings, self.log_stream = settings, log_stream
+        self.preset, self.out, self.device = settings.preset, settings.out, torch.device(settings.device)
+        self.runs = planned_runs(settings.preset, settings.ade20k_root)
 
     # ---- the task list ------------------------------------------------------------------------
 
     def tasks(self) -> list[Task]:
-        tasks = [Task(COST_KEY, lambda: measure_cost(self.preset, self.device))]
+        tasks = [Task(COST_KEY, 0, lambda: measure_cost(self.preset, self.device))]
         for spec in self.runs:
             diagnosed = spec.budget_name == "convergence"
-            tasks.append(Task(f"train/{spec.key}", lambda spec=spec, later=diagnosed: self.train_run(spec, later)))
+            tasks.append(Task(f"train/{spec.key}", 1, lambda spec=spec, later=diagnosed: self.train_run(spec, later)))
             if diagnosed and spec.variant.name == REFERENCE and spec.dataset == self.preset.ablation_dataset:
-                tasks.append(Task(f"sweep/{spec.key}", lambda spec=spec: self.sampling_sweep(spec)))
+                tasks.append(Task(f"sweep/{spec.key}", 2, lambda spec=spec: self.sampling_sweep(spec)))
             if diagnosed:
-                tasks.append(Task(f"diagnostics/{spec.key}", lambda spec=spec: self.diagnostics(spec)))
+                tasks.append(Task(f"diagnostics/{spec.key}", 2, lambda spec=spec: self.diagnostics(spec)))
         return tasks
 
+    def execute(self, task: Task) -> None:
+        log.info("start %s", task.key)
+        started = time.perf_counter()
+        with redirect_stderr(self.log_stream):
+            result = task.run()
+        result["task_seconds"] = time.perf_counter() - started
+        result["processes"] = {"workers": self.settings.workers, "threads": self.settings.threads}
+        path = result_path(self.out, task.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(result, indent=1))
+        log.info("done %s in %.1f s", task.key, result["task_seconds"])
+
     def run_all(self, progress: bool = True) -> None:
+        """Every task without a result file, phase by phase; within a phase on settings.workers
+        processes (the cost experiment always runs alone, so no other run disturbs its timings)."""
+        workers = self.settings.workers
         tasks = self.tasks()
-        done = sum(result_path(self.out, task.key).is_file() for task in tasks)
-        log.info("preset %s: %d tasks, %d already done (their results are kept)", self.preset.name, len(tasks), done)
-        for task in tqdm(tasks, desc=f"experiments ({self.preset.name})", unit="task", disable=not progress):
-            path = result_path(self.out, task.key)
-            if path.is_file():
-                log.info("skip %s: %s exists", task.key, path)
-                continue
-            log.info("start %s", task.key)
-            started = time.perf_counter()
-            with redirect_stderr(self.log_stream):
-                result = task.run()
-            result["task_seconds"] = time.perf_counter() - started
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, json.dumps(result, indent=1))
-            log.info("done %s in %.1f s", task.key, result["task_seconds"])
+        todo = [task for task in tasks if not result_path(self.out, task.key).is_file()]
+        log.info("preset %s: %d tasks, %d already done (their results are kept)", self.preset.name, len(tasks),
+                 len(tasks) - len(todo))
+        with tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"experiments ({self.preset.name})",
+                  unit="task", disable=not progress) as bar:
+            for phase in sorted({task.phase for task in todo}):
+                batch = [task for task in todo if task.phase == phase]
+                if workers == 1 or phase == 0:
+                    for task in batch:
+                        self.execute(task)
+                        bar.update()
+                    continue
+                with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                    futures = [pool.submit(_run_in_worker, self.settings, task.key) for task in batch]
+                    for future in as_completed(futures):
+                        future.result()
+                        bar.update()
 
     # ---- training runs ------------------------------------------------------------------------
 
@@ -134,7 +188,7 @@ class Runner:
     def release_checkpoints(self, spec: RunSpec) -> None:
         """Keep only the final checkpoint of a run whose tasks are done (or none, if so asked)."""
         folder = run_dir(self.out, spec)
-        if self.keep_checkpoints:
+        if self.settings.keep_checkpoints:
             prune_checkpoints(folder, 1)
         else:
             shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)
