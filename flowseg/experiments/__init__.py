@@ -25,15 +25,17 @@ __all__ = ["PRESETS", "Budget", "Preset", "get_preset", "run_experiments"]
 
 
 def run_experiments(preset: str, out: str | Path, page: str | Path = "docs/results.md", threads: int = 1,
-                    workers: int = 1, device: str = "auto", ade20k_root: str | None = None,
+                    workers: int | None = None, device: str = "auto", ade20k_root: str | None = None,
                     report_only: bool = False, progress: bool = True, command: str | None = None,
                     keep_checkpoints: bool = True) -> Path:
     """Run (or resume) a preset into `out` and write the results page; returns the page's path.
 
-    threads: torch threads per process; workers: processes training runs side by side;
+    threads: torch threads per process; workers: processes training runs side by side (None: the
+    preset's);
     keep_checkpoints=False deletes each run's checkpoints once no task needs them.
     """
     chosen = get_preset(preset)
+    workers = chosen.workers if workers is None else workers
     for name, value in (("threads", threads), ("workers", workers)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")

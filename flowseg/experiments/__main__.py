@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per process (default 1: on a shared machine more threads "
                              "can be far slower)")
-    parser.add_argument("--workers", type=int, default=1, help="processes training runs side by side (default 1)")
+    parser.add_argument("--workers", type=int, help="processes training runs side by side (default: the preset's)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--ade20k", metavar="ROOT", help="also run experiment 1 on ADE20K-layout data at ROOT")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the page from DIR's results")

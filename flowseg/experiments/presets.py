@@ -6,8 +6,8 @@ machine is doing; the minutes each preset is meant to take on 2 CPU cores are st
 the results page records the time it really took.
 
     micro   the test suite's end-to-end check (seconds; numbers meaningless)
-    quick   <= 15 min on 2 CPU cores, one seed: checks the pipeline, gives first indications
-    full    <= 100 min on 2 CPU cores, three seeds: means and spread
+    quick   <= 15 min on 2 CPU cores (2 worker processes), one seed: checks the pipeline, first indications
+    full    <= 100 min on 2 CPU cores (2 worker processes), three seeds: means and spread
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Preset:
     name: str
     minutes_target: float            # what the preset is sized for on 2 CPU cores
     seeds: tuple[int, ...]
+    workers: int                     # processes training side by side unless --workers says otherwise
     model_size: str                  # key of flowseg.models.SIZES, the same for every run
     image_size: int
     convergence: Budget              # 1. vanilla vs reshaped on every dataset (+ diagnostics, sampling steps)
@@ -70,7 +71,7 @@ PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
         Preset(
-            name="micro", minutes_target=1.0, seeds=(0,), model_size="T/8", image_size=16,
+            name="micro", minutes_target=1.0, seeds=(0,), workers=1, model_size="T/8", image_size=16,
             convergence=Budget(steps=4, batch_size=2, val_every=2, warmup_steps=1),
             ablation=Budget(steps=2, batch_size=2, val_every=2, warmup_steps=1),
             val_samples=2, eval_samples=2, sweep_samples=2, diag_samples=2, diag_draws=1,
@@ -78,16 +79,16 @@ PRESETS: dict[str, Preset] = {
             taus=(0.5,), epses=(1e-2,), spacing_class_counts=(11, 19),
         ),
         Preset(
-            name="quick", minutes_target=15.0, seeds=(0,), model_size="T/8", image_size=32,
-            convergence=Budget(steps=240, batch_size=16, val_every=40, warmup_steps=20),
-            ablation=Budget(steps=120, batch_size=16, val_every=40, warmup_steps=20),
+            name="quick", minutes_target=15.0, seeds=(0,), model_size="T/8", image_size=32, workers=2,
+            convergence=Budget(steps=300, batch_size=16, val_every=50, warmup_steps=30),
+            ablation=Budget(steps=150, batch_size=16, val_every=50, warmup_steps=20),
             val_samples=32, eval_samples=64, sweep_samples=32, diag_samples=16, diag_draws=2,
-            cost_rounds=3, cost_steps=3,
+            cost_rounds=3, cost_steps=3, taus=(0.5, 2.0),
         ),
         Preset(
-            name="full", minutes_target=100.0, seeds=(0, 1, 2), model_size="T/8", image_size=32,
-            convergence=Budget(steps=600, batch_size=16, val_every=60, warmup_steps=40),
-            ablation=Budget(steps=300, batch_size=16, val_every=75, warmup_steps=30),
+            name="full", minutes_target=100.0, seeds=(0, 1, 2), model_size="T/8", image_size=32, workers=2,
+            convergence=Budget(steps=1000, batch_size=16, val_every=100, warmup_steps=50),
+            ablation=Budget(steps=500, batch_size=16, val_every=100, warmup_steps=40),
             val_samples=64, eval_samples=128, sweep_samples=64, diag_samples=32, diag_draws=4,
             cost_rounds=5, cost_steps=5,
         ),

@@ -6,8 +6,10 @@ when its JSON is already there, so an interrupted preset continues where it stop
     OUT/experiments.log           this log, and everything the trainer prints
 
 A training run that was interrupted resumes from its newest checkpoint (flowseg.train's --resume).
-Tasks run in the order listed: the cost experiment first (the discriminative twin's step budget is
-set from its throughput ratio), each run's sweep and diagnostics right after the run.
+Tasks run in phases, each needing only earlier ones: 0 the cost experiment (alone, so nothing else
+disturbs its timings; the discriminative twin's step budget comes from its throughput ratio),
+1 the training runs, 2 the sampling sweep, 3 the diagnostics (which then release the checkpoints).
+Within a phase, settings.workers processes take tasks side by side.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from flowseg.config import Config, config_from_yaml, load_config
 from flowseg.evaluate import evaluate_dataset, load_split
 from flowseg.experiments.cost import measure_cost
 from flowseg.experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
-from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
+from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, RunSpec, planned_runs
 from flowseg.experiments.presets import Preset
 from flowseg.objective import FlowMatchingObjective
 from flowseg.predict import build_network, load_segmenter
@@ -61,7 +63,7 @@ class Settings:
 @dataclass
 class Task:
     key: str                         # result file OUT/results/<key>.json
-    phase: int                       # 0 cost, 1 training runs, 2 sweeps and diagnostics: each needs earlier phases only
+    phase: int                       # module docstring
     run: Callable[[], dict]
 
 
@@ -131,7 +133,7 @@ class Runner:
             if diagnosed and spec.variant.name == REFERENCE and spec.dataset == self.preset.ablation_dataset:
                 tasks.append(Task(f"sweep/{spec.key}", 2, lambda spec=spec: self.sampling_sweep(spec)))
             if diagnosed:
-                tasks.append(Task(f"diagnostics/{spec.key}", 2, lambda spec=spec: self.diagnostics(spec)))
+                tasks.append(Task(f"diagnostics/{spec.key}", 3, lambda spec=spec: self.diagnostics(spec)))
         return tasks
 
     def execute(self, task: Task) -> None:
@@ -147,8 +149,7 @@ class Runner:
         log.info("done %s in %.1f s", task.key, result["task_seconds"])
 
     def run_all(self, progress: bool = True) -> None:
-        """Every task without a result file, phase by phase; within a phase on settings.workers
-        processes (the cost experiment always runs alone, so no other run disturbs its timings)."""
+        """Every task without a result file, phase by phase (module docstring)."""
         workers = self.settings.workers
         tasks = self.tasks()
         todo = [task for task in tasks if not result_path(self.out, task.key).is_file()]
