@@ -158,6 +158,15 @@ def test_runs_are_shared_between_experiments_with_equal_budgets():
     assert len(planned_runs(shared)) == len(planned_runs(micro)) - 2  # vanilla and reshaped run once
 
 
+def test_ade20k_root_adds_convergence_runs_reading_it(tmp_path):
+    micro = get_preset("micro")
+    runs = planned_runs(micro, ade20k_root=str(tmp_path))
+    ade = [spec for spec in runs if spec.dataset == "ade20k"]
+    assert {spec.variant.name for spec in ade} == {"vanilla", REFERENCE}
+    assert all(f"data.root={tmp_path}" in spec.overrides() and spec.budget == micro.convergence for spec in ade)
+    assert len(runs) == len(planned_runs(micro)) + 2
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")

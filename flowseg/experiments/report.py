@@ -20,7 +20,8 @@ from flowseg.encoding import ENCODINGS, build_encoding
 from flowseg.experiments import figures
 from flowseg.experiments.diagnostics import field_picture
 from flowseg.experiments.plan import (
-    DISCRIMINATIVE, ENCODING_ROWS, REFERENCE, VANILLA, RunSpec, ablation_groups, encoding_variant, variants,
+    DISCRIMINATIVE, ENCODING_ROWS, REFERENCE, VANILLA, AblationGroup, RunSpec, ablation_groups, encoding_variant,
+    variants,
 )
 from flowseg.experiments.presets import Preset
 from flowseg.experiments.runner import COST_KEY, read_result
@@ -35,7 +36,8 @@ FIELD_CLASSES = 6  # the 2-d Kronecker code drawn in the vector-field picture
 
 
 def mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    """'m ± sd (n)' of the finite values, scaled (percent by default); 'n/a' if there are none."""
+    """'mean ± sample sd' of the finite values (just the value if there is one), scaled (percent by
+    default); 'n/a' if there are none."""
     finite = [scale * v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return "n/a"
@@ -210,7 +212,7 @@ class Page:
             here = (f"{mean_sd(speedups, 1.0, 2)}x" if speedups else "never reached") + \
                 (f" ({len(never)} of {len(seeds)} seeds never reached it)" if never and speedups else "")
             self.verdicts.append(Verdict(f"{dataset}: reshaped reaches vanilla's final mIoU about 2x sooner",
-                                         f"{PAPER_SPEEDUP:g}x", here, self._speed_verdict(speedups, len(never))))
+                                         f"{PAPER_SPEEDUP:g}x", here, self._speed_verdict(speedups, len(never), len(at_first))))
         if curves:
             figures.convergence_figure(curves, self.figure("convergence.png"))
         b = self.p.convergence
@@ -229,12 +231,14 @@ class Page:
         ])
 
     @staticmethod
-    def _speed_verdict(speedups: list[float], never: int) -> str:
+    def _speed_verdict(speedups: list[float], never: int, at_first: int) -> str:
         if not speedups:
             return "disagrees: reshaped never reached vanilla's final mIoU"
         mean = statistics.mean(speedups)
         if never:
             return "disagrees in some seeds (never reached)"
+        if at_first == len(speedups):
+            return "inconclusive: reached at the first validation (validate earlier or train longer)"
         if mean >= 0.8 * PAPER_SPEEDUP:
             return "agrees"
         return "partly: faster, by less than the paper's 2x" if mean > 1 else "disagrees"
@@ -262,32 +266,31 @@ class Page:
                              [v for v in values[row.label].values() if v is not None]))
             parts += [f"**{group.title}** (paper: {group.claim})",
                       markdown_table(["setting", "test mIoU (%)", "paper mIoU (ADE20K)", "note"], table)]
-            self._ablation_verdict(group, values, reference)
+            self._ablation_verdict(group, values)
         finite = [v for v in reference.values() if v is not None]
         if finite:
             figures.ablation_figure(bars, statistics.mean(finite), self.figure("ablations.png"))
             parts.append(self.link("ablations.png", "ablation test mIoU"))
         return "\n\n".join(parts)
 
-    def _ablation_verdict(self, group, values: dict[str, dict[int, float | None]], reference) -> None:
+    def _ablation_verdict(self, group: AblationGroup, values: dict[str, dict[int, float | None]]) -> None:
         rows = group.rows
-        if group.title.startswith("distance transform"):
+        if group.judged == "order":
             means = {row.label: np.mean([v for v in values[row.label].values() if v is not None] or [np.nan])
                      for row in rows}
             order = sorted(means, key=lambda label: -means[label] if math.isfinite(means[label]) else math.inf)
             paper = [row.label for row in rows]
-            verdict = "agrees" if order == paper else ("partly: -log is best" if order[0] == paper[0] else "disagrees")
-            self.verdicts.append(Verdict("T(d) ordering", " > ".join(paper), " > ".join(order),
+            if len(set(means.values())) == 1:
+                verdict = "no difference"
+            else:
+                verdict = "agrees" if order == paper else (f"partly: {paper[0]} is best" if order[0] == paper[0]
+                                                           else "disagrees")
+            self.verdicts.append(Verdict(f"{group.title} ordering", " > ".join(paper), " > ".join(order),
                                          verdict + ("" if self.seeds > 1 else " (1 seed)")))
-        elif len(rows) == 2 and group.title.split()[0] in ("correction", "parameterisation", "ignore"):
-            first, second = (values[row.label] for row in rows)
-            diffs = paired_differences(first, second)
+        elif group.judged == "pair":
+            diffs = paired_differences(values[rows[0].label], values[rows[1].label])
             self.verdicts.append(Verdict(f"{rows[0].label} beats {rows[1].label}", group.claim,
                                          f"{mean_sd(diffs)} mIoU points", judge(diffs, self.seeds)))
-        elif group.title == "reference":
-            diffs = paired_differences(reference, values[rows[0].label])
-            self.verdicts.append(Verdict(f"reshaped beats vanilla at the ablation budget ({self.p.ablation.steps} "
-                                         "steps)", "yes", f"{mean_sd(diffs)} mIoU points", judge(diffs, self.seeds)))
 
     # 3 -------------------------------------------------------------------------------------------
     def encodings(self) -> str:

@@ -34,7 +34,8 @@ from flowseg.checkpoint import (
     read_checkpoint, write_atomically,
 )
 from flowseg.config import Config, config_from_yaml, load_config
-from flowseg.evaluate import evaluate_dataset, load_split
+from flowseg.data import build_dataset
+from flowseg.evaluate import EVAL_DATA_SEED, evaluate_dataset, load_split
 from flowseg.experiments.cost import measure_cost
 from flowseg.experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
 from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, RunSpec, planned_runs
@@ -233,10 +234,17 @@ class Runner:
         if read_result(self.out, f"train/{spec.key}")["status"] != "done":
             return None
         final = latest_checkpoint(run_dir(self.out, spec))
+        if final is None:
+            raise ValueError(f"run {spec.key} has a result file but no checkpoint left in {run_dir(self.out, spec)}; "
+                             f"delete {result_path(self.out, f'train/{spec.key}')} to train it again")
         return final, config_from_yaml(read_checkpoint(final).config_yaml)
 
     def _test_batch(self, config: Config, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        test = load_split(config, config.eval.split)
+        """The first `count` test samples at the training resolution (on-disk images are resized, as
+        the diagnostics run the network directly, without the Segmenter's inference modes)."""
+        data = config.data
+        test = build_dataset(data.name, config.eval.split, root=data.root, image_size=data.image_size,
+                             seed=EVAL_DATA_SEED, **data.options)
         samples = [test[i] for i in range(min(count, len(test)))]
         return (torch.stack([s["image"] for s in samples]).to(self.device),
                 torch.stack([s["label"] for s in samples]).to(self.device))
