@@ -121,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as error:
         if args.traceback:
             raise
-        print(f"flowseg {args.command}: error: {error}", file=sys.stderr)
+        message = str(error).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the error line itself
+            message = message.splitlines()[-1]
+        print(f"flowseg {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -1,0 +1,143 @@
+"""The flowseg command end to end, and every user error as one clear line with a non-zero exit."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowseg.checkpoint import list_checkpoints
+from flowseg.cli import EXIT_DIVERGED, EXIT_USAGE, main, split_overrides
+
+TINY = ["data.image_size=16", "train.batch_size=4", "train.steps=2",
+        "train.val_every=0", "train.val_samples=2", "train.progress=false", "train.device=cpu", "eval.steps=1"]
+SHAPES = ["shapes", "data.options.length=8", *TINY]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(map(str, argv)))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *SHAPES, f"train.out_dir={run}"]) == 0
+    return run
+
+
+def write_folder_dataset(root, label_value=1, label_size=(16, 16), images=2):
+    """The generic folder layout: images/train, labels/train, classes.txt (3 classes)."""
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "classes.txt").write_text("background\ncircle\nsquare\n")
+    for index in range(images):
+        Image.fromarray(np.full((16, 16, 3), 100 + index, np.uint8)).save(root / "images" / "train" / f"{index}.png")
+        label = np.zeros(label_size, np.uint8)
+        label[4:8, 4:8] = label_value if index == images - 1 else 1
+        Image.fromarray(label, mode="L").save(root / "labels" / "train" / f"{index}.png")
+    return root
+
+
+def folder_run(root, out, workers=0):
+    return ["train", "folder", f"data.root={root}", "data.val_split=train", "data.augment=null", "model.size=T/8",
+            f"data.num_workers={workers}", *TINY, f"train.out_dir={out}"]
+
+
+def test_split_overrides():
+    assert split_overrides(["a.png", "eval.steps=3", "dir/", "x=1", "data.options.k=v"]) == \
+        (["a.png", "dir/", "x=1"], ["eval.steps=3", "data.options.k=v"])
+
+
+def test_train_eval_predict_round_trip(run_dir, tmp_path, capsys):
+    checkpoints = list_checkpoints(run_dir)
+    assert [p.name for p in checkpoints] == ["step_00000002"]
+    code, out, _ = run_cli(capsys, "eval", run_dir, "eval.max_samples=2", "eval.sweep=[1,2]", "--out", tmp_path / "e")
+    assert code == 0 and "mIoU" in out and "striped square" in out
+    assert [r["steps"] for r in json.loads((tmp_path / "e" / "result.json").read_text())["results"]] == [1, 2]
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "photo.png")
+    code, out, _ = run_cli(capsys, "predict", checkpoints[0], tmp_path / "photo.png", "eval.steps=2", "--out",
+                           tmp_path / "p")
+    assert code == 0 and "photo.png ->" in out
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["photo.png", "photo_confidence.png",
+                                                                 "photo_overlay.png"]
+
+
+def test_resume_continues_an_existing_run(run_dir, capsys):
+    code, _, err = run_cli(capsys, "train", *SHAPES, f"train.out_dir={run_dir}")
+    assert code == EXIT_USAGE and "pass --resume" in err
+    code, _, _ = run_cli(capsys, "train", *SHAPES, "train.steps=3", f"train.out_dir={run_dir}", "--resume")
+    assert code == 0 and list_checkpoints(run_dir)[-1].name == "step_00000003"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "shapes", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["train", "shapes", "train.steps=lots"], "wrong type for config key 'train.steps'"),
+    (["train", "shapes", "notes.txt"], "expected section.key=value overrides"),
+    (["train", "no-such-config"], "unknown config 'no-such-config'"),
+    (["eval", "/nonexistent/run"], "checkpoint /nonexistent/run does not exist"),
+    (["train", "voc"], "dataset 'voc' is read from disk: give root="),
+])
+def test_user_errors_exit_with_one_clear_line(argv, message, capsys):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == EXIT_USAGE
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_checkpoint_of_another_size_or_class_count(run_dir, capsys):
+    code, _, err = run_cli(capsys, "eval", run_dir, "model.size=S/8")
+    assert code == EXIT_USAGE and "does not fit this model" in err and "model.size=T/8" in err
+    code, _, err = run_cli(capsys, "eval", run_dir, "data.name=mnist-seg")
+    assert code == EXIT_USAGE and "trained on 7 classes but dataset 'mnist-seg' has 11" in err
+
+
+def test_output_folder_not_writable(run_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, _, err = run_cli(capsys, "train", *SHAPES, f"train.out_dir={tmp_path / 'file' / 'run'}")
+    assert code == EXIT_USAGE and "is not writable" in err
+    code, _, err = run_cli(capsys, "eval", run_dir, "--out", tmp_path / "file" / "e")
+    assert code == EXIT_USAGE and "is not writable" in err
+
+
+def test_missing_and_unreadable_prediction_inputs(run_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "predict", run_dir, tmp_path / "nope.png", "--out", tmp_path / "p")
+    assert code == EXIT_USAGE and "nope.png does not exist" in err
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    code, _, err = run_cli(capsys, "predict", run_dir, tmp_path / "bad.jpg", "--out", tmp_path / "p")
+    assert code == EXIT_USAGE and "cannot read image file" in err and "bad.jpg" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_label_out_of_range_names_the_file_and_value(tmp_path, capsys):
+    root = write_folder_dataset(tmp_path / "data", label_value=7)
+    code, _, err = run_cli(capsys, *folder_run(root, tmp_path / "run", workers=1))  # raised in a worker process
+    assert code == EXIT_USAGE and "labels/train/1.png has value 7" in err
+    assert list_checkpoints(tmp_path / "run") == []
+
+
+def test_image_label_size_mismatch(tmp_path, capsys):
+    root = write_folder_dataset(tmp_path / "data", label_size=(16, 12))
+    code, _, err = run_cli(capsys, *folder_run(root, tmp_path / "run"))
+    assert code == EXIT_USAGE and "is 16x16 (WxH) but its label" in err
+
+
+def test_unreadable_training_image_and_empty_dataset(tmp_path, capsys):
+    root = write_folder_dataset(tmp_path / "data")
+    (root / "images" / "train" / "0.png").write_bytes(b"truncated")
+    code, _, err = run_cli(capsys, *folder_run(root, tmp_path / "run"))
+    assert code == EXIT_USAGE and "cannot read image file" in err and "0.png" in err
+    empty = tmp_path / "empty"
+    (empty / "images" / "train").mkdir(parents=True)
+    (empty / "labels" / "train").mkdir(parents=True)
+    (empty / "classes.txt").write_text("a\nb\n")
+    code, _, err = run_cli(capsys, *folder_run(empty, tmp_path / "run2"))
+    assert code == EXIT_USAGE and "no images found" in err
+
+
+def test_nan_loss_exits_with_the_step_and_the_last_good_checkpoint(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *SHAPES, "train.steps=4", "train.ckpt_every=1",
+                           "optim.lr=1e30", "optim.warmup_steps=0", f"train.out_dir={tmp_path / 'run'}")
+    good = list_checkpoints(tmp_path / "run")
+    assert code == EXIT_DIVERGED and len(good) >= 1
+    assert f"diverged at step {len(good) + 1}" in err and f"last good checkpoint is {good[-1]}" in err

