@@ -69,7 +69,7 @@ def make_case(name: str, preset: Preset, image: torch.Tensor, labels: torch.Tens
     if kind == "discriminative":
         return torch.no_grad()(lambda: model(image).argmax(1)), parameters
     steps = int(name.removeprefix("infer/flow-"))
-    return lambda: segment(lambda x, t, img: model(x, t, img), image, encoding, steps), parameters
+    return lambda: segment(model, image, encoding, steps), parameters
 
 
 def _synchronize(device: torch.device) -> None:
@@ -143,7 +143,8 @@ def machine() -> dict:
 
 
 def measure_cost(preset: Preset, device: torch.device) -> dict:
-    """Experiment 7 (module docstring): a JSON-ready record of times, throughputs, memory and ratios."""
+    """Experiment 7 (module docstring): a JSON-ready record of times, throughputs and peak memory per
+    case, naming the reference cases the results page divides by."""
     image, labels, num_classes = fixed_batch(preset)
     image, labels = image.to(device), labels.to(device)
     batch = image.shape[0]

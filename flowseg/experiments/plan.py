@@ -113,7 +113,8 @@ def ablation_groups(preset: Preset) -> list[AblationGroup]:
         AblationGroup("parameterisation", (
             Row("v-prediction", REFERENCE, 29.75), Row("x-prediction", "x-prediction", 29.06)),
             "v > x", "pair"),
-        AblationGroup(f"ignore masking (mnist-seg with a {preset.ignore_band}-px ignore band at boundaries)", (
+        AblationGroup(f"ignore masking ({preset.ablation_dataset} with a {preset.ignore_band}-px ignore band at "
+                      "boundaries)", (
             Row("masked", "ignore-masked"), Row("not masked (trained towards 0)", "ignore-unmasked")),
             "masked > not masked (+1.6 mIoU)", "pair"),
         AblationGroup("image conditioning", (
@@ -132,9 +133,8 @@ def ablation_groups(preset: Preset) -> list[AblationGroup]:
 
 
 def planned_runs(preset: Preset, ade20k_root: str | None = None) -> list[RunSpec]:
-    """Every training run of the preset, each once, in the order they are trained (per seed: the
-    convergence runs, then the ablation-budget runs; the discriminative twin last, as its step
-    budget comes from the cost experiment)."""
+    """Every training run of the preset, each once (per seed: the convergence runs on every dataset,
+    then the ablation-budget runs on the ablation dataset)."""
     table = variants(preset)
     datasets = [(name, None) for name in preset.datasets] + ([("ade20k", ade20k_root)] if ade20k_root else [])
     runs: dict[str, RunSpec] = {}
