@@ -34,6 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flowseg.checkpoint import (
     CHECKPOINTS_DIR, ensure_writable_dir, fit_state_dict, latest_checkpoint, load_train_state, load_weights, prune_checkpoints,
@@ -350,28 +352,26 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
 
-    def _batches(self) -> tuple[DataLoader, Iterator[dict]]:
+    def _batches(self) -> Iterator[dict]:
         config, context = self.config, self.context
         sampler = StepBatches(len(self.train_set), config.train.batch_size, context.world_size, context.rank,
                               config.train.grad_accum, config.train.seed, self.step)
         loader = DataLoader(KeyedSamples(self.train_set, config.train.seed), batch_sampler=sampler,
                             num_workers=config.data.num_workers, pin_memory=self.device.type == "cuda")
-        return loader, iter(loader)
+        return iter(loader)
 
     def run(self) -> TrainResult:
         config = self.config.train
         budget = config.minutes * 60 if config.minutes else math.inf
         started = time.monotonic() - self.elapsed_before
-        loader, batches = self._batches()
-        bar = None
-        if self.context.is_main and config.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        batches = self._batches()
+        bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True) \
+            if self.context.is_main and config.progress else None
         log.info("training %s (%d classes) on %s x %d rank(s) from step %d to %d%s; run folder %s",
                  self.config.model.size, self.num_classes, self.device.type, self.context.world_size, self.step,
                  config.steps, f" or {config.minutes} min" if config.minutes else "", self.run_dir)
         validation, validated_at, saved_at = None, -1, -1
-        try:
+        with bar or nullcontext(), logging_redirect_tqdm([log]) if bar else nullcontext():
             while True:
                 # rank 0's clock decides, so a time budget stops every rank at the same step
                 elapsed = broadcast_float(time.monotonic() - started, self.device)
@@ -396,10 +396,6 @@ class Trainer:
                 if config.ckpt_every and self.step % config.ckpt_every == 0:
                     self.save(time.monotonic() - started)
                     saved_at = self.step
-        finally:
-            if bar is not None:
-                bar.close()
-            del batches, loader
         elapsed = time.monotonic() - started
         if validated_at != self.step:
             validation = self.validate()
