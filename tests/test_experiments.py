@@ -144,6 +144,7 @@ def test_judge_and_mean_sd():
     assert judge([0.05, -0.04, 0.01], seeds=3).startswith("inconclusive")
     assert judge([0.02], seeds=1) == "agrees (1 seed)"
     assert judge([], seeds=1) == "not measured"
+    assert judge([0.0, 0.0], seeds=2) == "no difference"
     assert mean_sd([0.5, 0.7]) == "60.0 ± 14.1"
     assert mean_sd([0.5, None]) == "50.0"
     assert mean_sd([]) == "n/a"
@@ -221,11 +222,16 @@ def test_micro_preset_skips_finished_tasks_and_redoes_a_missing_one(micro_run):
     root, page = micro_run
     out = root / "out"
     before = result_files(out)
+    sessions = (out / "sessions.jsonl").read_text().splitlines()
     run_experiments("micro", out, page, progress=False, keep_checkpoints=False)
     assert result_files(out) == before  # nothing recomputed
+    assert (out / "sessions.jsonl").read_text().splitlines() == sessions  # and no session recorded
     missing = next(p for p in before if "/train/mnist-seg/T=sqrt/" in str(p))
     missing.unlink()
     run_experiments("micro", out, page, progress=False, keep_checkpoints=False, workers=2)  # in a worker process
     after = result_files(out)
     assert set(after) == set(before)
     assert [p for p in after if after[p] != before[p]] == [missing]
+    last = json.loads((out / "sessions.jsonl").read_text().splitlines()[-1])
+    assert (last["tasks"], last["workers"]) == (1, 2)
+    assert "over 2 invocation(s)" in page.read_text()

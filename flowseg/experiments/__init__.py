@@ -10,6 +10,7 @@ figures.py + report.py  the results page.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from flowseg.checkpoint import ensure_writable_dir
 from flowseg.distributed import resolve_device
 from flowseg.experiments.presets import PRESETS, Budget, Preset, get_preset
 from flowseg.experiments.report import write_report
-from flowseg.experiments.runner import Runner, Settings, log, open_log
+from flowseg.experiments.runner import SESSIONS_FILE, Runner, Settings, log, open_log
 
 __all__ = ["PRESETS", "Budget", "Preset", "get_preset", "run_experiments"]
 
@@ -50,8 +51,13 @@ def run_experiments(preset: str, out: str | Path, page: str | Path = "docs/resul
     with open_log(out) as stream:
         if not report_only:
             started = time.perf_counter()
-            Runner(settings, stream).run_all(progress)
-            log.info("all tasks done in %.1f s (this session)", time.perf_counter() - started)
+            ran = Runner(settings, stream).run_all(progress)
+            wall = time.perf_counter() - started
+            log.info("all tasks done; %d ran in %.1f s", ran, wall)
+            if ran:
+                with open(out / SESSIONS_FILE, "a") as sessions:
+                    sessions.write(json.dumps({"preset": preset, "tasks": ran, "wall_seconds": wall,
+                                               "workers": workers, "threads": threads}) + "\n")
         written = write_report(chosen, out, page, command, ade20k_root)
         log.info("wrote %s", written)
     return written

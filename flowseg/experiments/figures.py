@@ -40,10 +40,10 @@ def _mean_band(axes, x: Sequence[float], runs: Sequence[Sequence[float]], label:
     values = np.asarray(runs, dtype=float)              # (seeds, points)
     with warnings.catch_warnings():  # an all-nan column (nothing measured there) plots as a gap
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(values, 0)
+        mean, low, high = np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
     axes.plot(x, mean, marker=marker, ms=3, color=colour, label=label, linestyle=linestyle)
     if len(values) > 1:
-        axes.fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), color=colour, alpha=0.2, lw=0)
+        axes.fill_between(x, low, high, color=colour, alpha=0.2, lw=0)
 
 
 def convergence_figure(curves: Mapping[str, Mapping[str, tuple[list[int], list[list[float]]]]], path: Path) -> None:

@@ -6,6 +6,7 @@ which are labelled as such. Where several seeds ran, figures are "mean ± sample
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from flowseg.experiments.plan import (
     variants,
 )
 from flowseg.experiments.presets import Preset
-from flowseg.experiments.runner import COST_KEY, read_result
+from flowseg.experiments.runner import COST_KEY, SESSIONS_FILE, read_result
 
 PAPER_SAMPLING = {1: 43.47, 2: 45.85, 5: 46.82, 10: 47.1, 20: 46.78, 50: 46.13, 100: 45.78}  # ADE20K mIoU
 PAPER_SPEEDUP = 2.0
@@ -53,13 +54,13 @@ def judge(differences: Sequence[float], seeds: int) -> str:
     if not values:
         return "not measured"
     mean = statistics.mean(values)
+    note = "" if seeds > 1 else " (1 seed)"
+    if all(v == 0 for v in values):
+        return "no difference" + note
     if len(values) > 1:
         standard_error = statistics.stdev(values) / math.sqrt(len(values))
         if abs(mean) <= 2 * standard_error:
             return f"inconclusive (within 2 s.e. over {len(values)} seeds)"
-    note = "" if seeds > 1 else " (1 seed)"
-    if mean == 0:
-        return "no difference" + note
     return ("agrees" if mean > 0 else "disagrees") + note
 
 
@@ -136,6 +137,10 @@ class Results:
         for kind, result in self.every_result():
             spent[kind] = spent.get(kind, 0.0) + result.get("task_seconds", 0.0)
         return spent
+
+    def sessions(self) -> list[dict]:
+        path = self.out / SESSIONS_FILE
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
     def process_layouts(self) -> set[tuple[int, int]]:
         """(workers, threads) of the sessions that made the results."""
@@ -316,11 +321,15 @@ class Page:
                     cells.append(f"n/a: {error}")
             spacing.append([name, *cells])
         kronecker = values["kronecker"]
-        worse = [name for name in ENCODING_ROWS[1:] if statistics.mean(paired_differences(kronecker, values[name]) or [0]) < 0]
-        self.verdicts.append(Verdict("the Kronecker code is at least as good as the baselines",
-                                     "yes (comparison set not recoverable)",
-                                     "beaten by " + ", ".join(worse) if worse else "best or equal",
-                                     ("disagrees" if worse else "agrees") + ("" if self.seeds > 1 else " (1 seed)")))
+        against = {name: paired_differences(kronecker, values[name]) for name in ENCODING_ROWS[1:]}
+        verdicts = {name: judge(diffs, self.seeds) for name, diffs in against.items()}
+        worse = [name for name, verdict in verdicts.items() if verdict.startswith("disagrees")]
+        unclear = [name for name, verdict in verdicts.items() if not verdict.startswith(("agrees", "disagrees"))]
+        overall = "disagrees" if worse else ("inconclusive" if unclear else "agrees")
+        self.verdicts.append(Verdict(
+            "the Kronecker code beats the baselines", "yes (comparison set not recoverable)",
+            "; ".join(f"vs {name}: {mean_sd(diffs)}" for name, diffs in against.items()) + " mIoU points",
+            overall + (f" (worse than {', '.join(worse)})" if worse else "") + ("" if self.seeds > 1 else " (1 seed)")))
         return "\n\n".join([
             "## 3. Category encodings",
             f"{dataset} ({num_classes} classes), the reference run with only the encoding changed, same budget. "
@@ -545,8 +554,13 @@ class Page:
         spent = self.r.task_seconds()
         rows = [[names.get(kind, kind), f"{seconds / 60:.1f}"] for kind, seconds in spent.items()]
         rows.append(["total", f"{sum(spent.values()) / 60:.1f}"])
-        return "\n\n".join(["## Time spent", "Summed over the tasks of the output folder (a resumed preset adds up "
-                             "every session's tasks); page generation not included.",
+        sessions = self.r.sessions()
+        wall = (f"Wall time: **{sum(s['wall_seconds'] for s in sessions) / 60:.1f} min** over {len(sessions)} "
+                "invocation(s) that ran tasks (" + "; ".join(
+                    f"{s['tasks']} tasks in {s['wall_seconds'] / 60:.1f} min with {s['workers']} worker(s)"
+                    for s in sessions) + "), page generation not included.") if sessions else ""
+        return "\n\n".join(["## Time spent", wall, "Time per kind of task, summed over tasks (worker processes run "
+                             "side by side, so these add up to more than the wall time):",
                              markdown_table(["tasks", "minutes"], rows)])
 
 

@@ -4,6 +4,7 @@ when its JSON is already there, so an interrupted preset continues where it stop
     OUT/results/<task key>.json   one per task (cost, train, sweep, diagnostics)
     OUT/runs/<run key>/           the training runs (flowseg.train folders: checkpoints, metrics.jsonl)
     OUT/experiments.log           this log, and everything the trainer prints
+    OUT/sessions.jsonl            wall time of every invocation that ran tasks
 
 A training run that was interrupted resumes from its newest checkpoint (flowseg.train's --resume).
 Tasks run in phases, each needing only earlier ones: 0 the cost experiment (alone, so nothing else
@@ -47,6 +48,7 @@ from flowseg.train import TrainingDiverged, train
 log = logging.getLogger("flowseg.experiments")
 COST_KEY = "cost"
 LOG_FILE = "experiments.log"
+SESSIONS_FILE = "sessions.jsonl"  # one line per invocation that ran tasks: its wall time
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,8 @@ class Runner:
         write_atomically(path, json.dumps(result, indent=1))
         log.info("done %s in %.1f s", task.key, result["task_seconds"])
 
-    def run_all(self, progress: bool = True) -> None:
-        """Every task without a result file, phase by phase (module docstring)."""
+    def run_all(self, progress: bool = True) -> int:
+        """Every task without a result file, phase by phase (module docstring); returns how many ran."""
         workers = self.settings.workers
         tasks = self.tasks()
         todo = [task for task in tasks if not result_path(self.out, task.key).is_file()]
@@ -170,6 +172,7 @@ class Runner:
                     for future in as_completed(futures):
                         future.result()
                         bar.update()
+        return len(todo)
 
     # ---- training runs ------------------------------------------------------------------------
 
