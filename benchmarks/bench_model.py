@@ -1,0 +1,156 @@
+"""Benchmark of the pixel neural-field transformer on CPU (float32).
+
+    .venv/bin/python benchmarks/bench_model.py [--sizes T/8 S/8] [--repeats 3]
+
+Prints, for each size at 64 x 64 (batch 16) and 256 x 256 (batch 2):
+  - parameters of the flow model (d = 3, image-conditioned);
+  - forward throughput (images/s, no_grad) and its peak extra memory;
+  - training-step throughput (reshaped objective, N = 150, backward, AdamW step) and its peak extra memory;
+  - the time of 1-step Euler sampling (x_0, one forward, Euler update, nearest-centroid decoding,
+    N = 150) over the time of one forward pass of the discriminative twin with its argmax (target <= 1.1);
+  - at 256 x 256: the training-step time of the reshaped objective over vanilla flow matching at
+    N = 150 (target <= 1.10).
+Times are the minimum over repeats. Throughputs are wall-clock at the default thread count. Ratios
+are of process CPU time with one thread, the two sides interleaved in the same process: on a shared
+machine wall time (and multi-thread CPU time, which counts spin-waiting) varies with other processes'
+load far more than single-thread CPU time does. Peak extra
+memory is measured in a fresh subprocess per case (a process reuses freed heap pages, which would hide
+later peaks): its peak resident set (VmHWM) after one call minus its resident set just before, with
+model, optimiser and inputs already built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from flowseg.encoding import build_encoding
+from flowseg.models import DiscriminativeFieldTransformer, PixelFieldTransformer
+from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
+from flowseg.sampling import segment
+
+NUM_CLASSES = 150
+RESOLUTIONS = ((64, 16), (256, 2))  # (side, batch)
+
+
+def status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_mib(size: str, side: int, batch: int, case: str) -> float:
+    """Peak extra memory of one call of case ("forward" or "train"), in a fresh subprocess."""
+    command = [sys.executable, __file__, "--memory-case", size, str(side), str(batch), case]
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def interleaved_best(fns: list[Callable[[], object]], repeats: int, clock=time.perf_counter) -> list[float]:
+    """Minimum time of each fn over repeats, the fns run alternately (after one warm-up each)."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = clock()
+            fn()
+            best[i] = min(best[i], clock() - start)
+    return best
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_time_ratio(numerator: Callable[[], object], denominator: Callable[[], object], repeats: int) -> float:
+    with single_thread():
+        a, b = interleaved_best([numerator, denominator], repeats, clock=time.process_time)
+    return a / b
+
+
+def workload(size: str, side: int, batch: int) -> tuple[int, dict[str, Callable[..., None]]]:
+    """The flow model's parameter count and the measured calls, everything they need already built."""
+    torch.manual_seed(0)
+    encoding = build_encoding("kronecker", NUM_CLASSES)
+    image = torch.rand(batch, 3, side, side) * 2 - 1
+    labels = torch.randint(0, NUM_CLASSES, (batch, side, side))
+    x_t, t = torch.randn(batch, 3, side, side), torch.rand(batch)
+    model = PixelFieldTransformer(size, dim=encoding.dim)
+    twin = DiscriminativeFieldTransformer(size, NUM_CLASSES)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    objectives = {kind: FlowMatchingObjective(encoding, ObjectiveConfig(kind=kind)) for kind in ("reshaped", "vanilla")}
+
+    @torch.no_grad()
+    def forward():
+        model(x_t, t, image)
+
+    def train_step(kind: str = "reshaped"):
+        loss = objectives[kind](model, image, labels).loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    @torch.no_grad()
+    def sample_one_step():
+        segment(model, image, encoding, steps=1)
+
+    @torch.no_grad()
+    def twin_forward():
+        twin(image).argmax(1)
+
+    params = sum(p.numel() for p in model.parameters())
+    return params, {"forward": forward, "train": train_step, "sample": sample_one_step, "twin": twin_forward}
+
+
+def bench(size: str, side: int, batch: int, repeats: int) -> None:
+    params, calls = workload(size, side, batch)
+    forward, train_step = calls["forward"], calls["train"]
+    forward_mib = peak_extra_mib(size, side, batch, "forward")
+    train_mib = peak_extra_mib(size, side, batch, "train")
+    forward_s, train_s = interleaved_best([forward, train_step], repeats)
+    line = (
+        f"{size:5s} {side:4d}px b={batch:<3d} {params / 1e6:6.2f}M params | forward {batch / forward_s:6.1f} img/s, "
+        f"peak +{forward_mib:5.0f} MiB | train {batch / train_s:5.1f} img/s ({train_s * 1e3:5.0f} ms/step), "
+        f"peak +{train_mib:5.0f} MiB | sample(1)/twin {cpu_time_ratio(calls['sample'], calls['twin'], repeats):5.3f}x"
+    )
+    if side == 256:
+        ratio = cpu_time_ratio(train_step, lambda: train_step("vanilla"), repeats)
+        line += f" | reshaped/vanilla step {ratio:5.3f}x"
+    print(line, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["T/8", "S/8"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory-case", nargs=4, metavar=("SIZE", "SIDE", "BATCH", "CASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_case:
+        size, side, batch, case = args.memory_case
+        call = workload(size, int(side), int(batch))[1][case]
+        before = status_mib("VmRSS")
+        call()
+        print(status_mib("VmHWM") - before)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {NUM_CLASSES} classes, float32 CPU")
+    for size in args.sizes:
+        for side, batch in RESOLUTIONS:
+            bench(size, side, batch, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
