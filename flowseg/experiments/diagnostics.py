@@ -4,11 +4,11 @@
     loss gradient with respect to the network output v. For vanilla flow matching with v-prediction
     it is ||x1_hat - x_1|| / (1 - t): it fades linearly as the estimate x1_hat reaches its centroid.
     signal_profile bins it by the distance ||x1_hat - mu_true||.
-(b) Trajectory traversing. Along a sampled trajectory x_0 (the image), x_1, ..., x_S every state is
-    decoded to its nearest centroid. A pixel "traverses" when an intermediate state (0 < i < S) is
-    nearest to a third class: neither its true class nor the class its image colour x_0 starts in
-    (starting in a wrong cell is the image's doing, not the field's). traversal_stats counts those
-    pixels and those that end in a wrong class.
+(b) Trajectory traversing. Along a sampled trajectory of states z_0 = x_0 (the image), z_1, ..., z_S
+    (z_i = x_t at t = i / S) every state is decoded to its nearest centroid. A pixel "traverses" when
+    an intermediate state (0 < i < S) is nearest to a third class: neither its true class nor the
+    class its image colour x_0 starts in (starting in a wrong cell is the image's doing, not the
+    field's). traversal_stats counts those pixels and those that end in a wrong class.
 The vector-field picture (Figure 1 of the paper) is analytic: the velocity error that the loss
 drives to zero, for a pixel of true class k whose clean estimate is x at time t,
 
