@@ -15,7 +15,7 @@ from flowseg.experiments.diagnostics import (
 )
 from flowseg.experiments.plan import REFERENCE, planned_runs
 from flowseg.experiments.presets import Budget
-from flowseg.experiments.report import judge, mean_sd, steps_to_reach
+from flowseg.experiments.results import judge, mean_sd, steps_to_reach
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 
 # ---- (b) trajectory traversing ----------------------------------------------------------------

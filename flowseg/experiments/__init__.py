@@ -5,7 +5,7 @@ the diagnostics and the cost, and writes docs/results.md with its figures.
 
 presets.py  the budgets;  plan.py  which runs each experiment needs;  runner.py  resumable tasks;
 diagnostics.py  the two failure modes and the vector-field picture;  cost.py  throughput and memory;
-figures.py + report.py  the results page.
+results.py  reading the result files, statistics over seeds;  figures.py + report.py  the results page.
 """
 
 from __future__ import annotations
