@@ -248,6 +248,18 @@ def test_scalar_time_is_broadcast():
     assert torch.equal(model(x_t, torch.tensor(0.25)), model(x_t, torch.full((2,), 0.25)))
 
 
+def test_runs_in_bfloat16():
+    torch.manual_seed(0)
+    model = PixelFieldTransformer("T/8", dim=3)
+    randomise_zero_inits(model)
+    x_t, t, image = torch.randn(1, 3, 16, 16), torch.rand(1), torch.randn(1, 3, 16, 16)
+    reference = model(x_t, t, image)
+    model.to(torch.bfloat16)
+    out = model(x_t.bfloat16(), t, image.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, atol=0.05 * reference.abs().max().item())
+
+
 def test_discriminative_twin_matches_flow_model_size():
     flow = PixelFieldTransformer("T/8", dim=3, image_conditioning=False)
     twin = DiscriminativeFieldTransformer("T/8", num_classes=3)

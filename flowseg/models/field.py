@@ -200,7 +200,8 @@ class FieldTransformerBase(nn.Module):
         tokens = self.patch_embed(patchify(coarse, self.size.patch_size).flatten(2))  # (B, L, C)
         time = self.time_embed(t)  # (B, C)
         condition = F.silu(time)
-        rope = rope_2d_angles(grid_h, grid_w, self.size.width // self.size.heads, device=inputs.device)
+        head_dim = self.size.width // self.size.heads
+        rope = tuple(a.to(tokens.dtype) for a in rope_2d_angles(grid_h, grid_w, head_dim, device=inputs.device))
         for block in self.trunk:
             tokens = block(tokens, condition, rope)
         # the field's weights come from the token; adding e_t lets them depend on t directly too

@@ -49,7 +49,8 @@ class TimestepEmbedder(nn.Module):
         self.fc2 = nn.Linear(width, width)
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1(timestep_features(t, self.num_features))))
+        features = timestep_features(t, self.num_features).to(self.fc1.weight.dtype)  # (B, F)
+        return self.fc2(F.silu(self.fc1(features)))
 
 
 # ---------------------------------------------------------------------------------------------
