@@ -172,6 +172,15 @@ def dct_features(side: int, num_freqs: int, device=None) -> Tensor:
     return (cos_x * cos_y * damping).flatten(1)  # (Q, F^2)
 
 
+def normalize_columns(w: Tensor, eps: float = 1e-12) -> Tensor:
+    """w / max(||w||_2, eps) over the input axis -2: every generated unit's weight vector has norm 1.
+
+    The same as F.normalize(w, dim=-2), written out because on CPU its strided norm kernel makes the
+    forward and backward about 3x slower, and the field blocks normalise a matrix per patch.
+    """
+    return w * w.square().sum(-2, keepdim=True).clamp_min(eps * eps).rsqrt()
+
+
 class FieldBlock(nn.Module):
     """Residual MLP block whose weights are generated from the patch token s (M, C):
 
@@ -189,6 +198,6 @@ class FieldBlock(nn.Module):
     def forward(self, h: Tensor, tokens: Tensor) -> Tensor:
         first, second = self.weight_generator(tokens).chunk(2, dim=-1)
         # normalising over the input axis bounds each generated unit's gain, whatever the token's scale
-        first = F.normalize(first.view(-1, self.field_width, self.hidden), dim=-2)  # (M, c, rc)
-        second = F.normalize(second.view(-1, self.hidden, self.field_width), dim=-2)  # (M, rc, c)
+        first = normalize_columns(first.view(-1, self.field_width, self.hidden))  # (M, c, rc)
+        second = normalize_columns(second.view(-1, self.hidden, self.field_width))  # (M, rc, c)
         return h + torch.bmm(F.silu(torch.bmm(self.norm(h), first)), second)  # (M, Q, c)
