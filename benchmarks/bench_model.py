@@ -22,6 +22,7 @@ model, optimiser and inputs already built.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -147,9 +148,12 @@ def main() -> None:
         print(status_mib("VmHWM") - before)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {NUM_CLASSES} classes, float32 CPU")
+    # other processes' load changes wall-clock throughput a lot: print it beside the figures
+    print("load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     for size in args.sizes:
         for side, batch in RESOLUTIONS:
             bench(size, side, batch, args.repeats)
+    print("load average (1, 5, 15 min) after:  {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":
