@@ -213,7 +213,10 @@ def test_round_trip_of_the_models_own_weights(tmp_path, suffix):
             param.normal_()
     state = {k: v.contiguous() for k, v in pixnerd_state_dict(source).items()}
     path = tmp_path / f"weights{suffix}"
-    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    if suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        torch.save(state, path)
     target = PixelFieldTransformer("T/8", dim=3, image_conditioning=False)
     report = load_pixnerd_checkpoint(target, path)
     assert report.skipped == [] and len(report.loaded) == len(source.state_dict())
