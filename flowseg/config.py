@@ -41,7 +41,7 @@ def _check_positive(section: str, name: str, value: float | int | None, allow_ze
 class DataConfig:
     name: str = "mnist-seg"          # shapes, mnist-seg, ade20k, cityscapes, coco-stuff, voc, folder
     root: Optional[str] = None       # dataset directory (on-disk layouts only)
-    image_size: int = 32             # training crop side; evaluation resizes to it unless eval.inference says otherwise
+    image_size: int = 32             # training crop side, and the resolution eval.inference=resize works at
     # training-split augmentation options (flowseg.data.AugmentConfig: scale_range, hflip, image_fill);
     # {} = the defaults, null = no augmentation
     augment: Optional[dict[str, Any]] = field(default_factory=dict)

@@ -3,7 +3,8 @@
 A Segmenter turns images into per-pixel class probabilities p (B, N, H, W) at the image's own
 resolution, and from them labels = argmax_k p_k and confidence = max_k p_k:
 
-    flow model:           x_0 = image -> integrate dx/dt = v_theta(x, t, I) to t = 1 -> p_k = softmax_k(T(||x_1 - mu_k||^2) / tau)
+    flow model:           x_0 = image, integrate dx/dt = v_theta(x, t, I) to t = 1,
+                          p_k = softmax_k(T(||x_1 - mu_k||^2) / tau)
     discriminative twin:  p = softmax(logits)
 
 argmax_k p_k is the nearest centroid (T is decreasing), so labels equal encoding.decode(x_1). Working

@@ -38,8 +38,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flowseg.checkpoint import (
-    CHECKPOINTS_DIR, ensure_writable_dir, fit_state_dict, latest_checkpoint, load_train_state, load_weights, prune_checkpoints,
-    read_checkpoint, save_checkpoint, step_dir_name, write_atomically,
+    CHECKPOINTS_DIR, ensure_writable_dir, fit_state_dict, latest_checkpoint, load_train_state, load_weights,
+    prune_checkpoints, read_checkpoint, save_checkpoint, step_dir_name, write_atomically,
 )
 from flowseg.config import Config, OptimConfig, config_from_yaml, to_yaml
 from flowseg.data import SegmentationDataset
@@ -47,6 +47,7 @@ from flowseg.distributed import DistContext, any_rank, autocast, broadcast_float
 from flowseg.encoding import CategoryEncoding
 from flowseg.evaluate import evaluate_dataset, load_split
 from flowseg.metrics import SegmentationMetrics
+from flowseg.models.pixnerd import load_pixnerd_checkpoint
 from flowseg.objective import FlowMatchingObjective, LossOutput, discriminative_loss
 from flowseg.predict import Segmenter, build_network
 
@@ -103,6 +104,10 @@ class ExponentialMovingAverage:
         self.updates += 1
 
 
+# what a derived seed is for, so that seeds drawn for different purposes never coincide
+_ORDER, _AUGMENT, _TIMES, _RANK = range(4)
+
+
 def mix_seed(*keys: int) -> int:
     """A 63-bit seed that depends on every key (numpy's SeedSequence hashing)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -129,7 +134,7 @@ class StepBatches(Sampler):
     def _index(self, position: int) -> int:
         epoch = position // self.length
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, _ORDER, epoch))
             self._epoch, self._permutation = epoch, torch.randperm(self.length, generator=generator).tolist()
         return self._permutation[position % self.length]
 
@@ -150,7 +155,7 @@ class KeyedSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, position = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, position, 1))
+            torch.manual_seed(mix_seed(self.seed, _AUGMENT, position))
             return self.dataset[index]
 
 
@@ -232,7 +237,6 @@ class Trainer:
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         model, self.encoding = network or build_network(config, self.num_classes)
         if config.model.pretrained:
-            from flowseg.models.pixnerd import load_pixnerd_checkpoint
             log.info("%s", load_pixnerd_checkpoint(model, config.model.pretrained, strict=False))
         self.model = model.to(self.device)
         self.ema = ExponentialMovingAverage(self.model, config.optim.ema_decay)
@@ -244,7 +248,7 @@ class Trainer:
         self.last_checkpoint = existing
         if existing is not None:
             self._resume_from(existing)
-        torch.manual_seed(mix_seed(config.train.seed, context.rank, self.step))  # per-rank global RNG
+        torch.manual_seed(mix_seed(config.train.seed, _RANK, context.rank, self.step))  # per-rank global RNG
         if context.is_main:
             write_atomically(self.run_dir / "config.yaml", to_yaml(config))
         self.network = DistributedDataParallel(
@@ -255,8 +259,9 @@ class Trainer:
     def _resume_from(self, checkpoint: Path) -> None:
         info = read_checkpoint(checkpoint)
         saved = config_from_yaml(info.config_yaml, origin=f"config of checkpoint {checkpoint}")
-        changed = [f"model.{key}: checkpoint {getattr(saved.model, key)!r}, now {getattr(self.config.model, key)!r}"
-                   for key in vars(saved.model) if getattr(saved.model, key) != getattr(self.config.model, key)]
+        before, now = vars(saved.model), vars(self.config.model)
+        changed = [f"model.{key}: checkpoint {before[key]!r}, now {now[key]!r}" for key in before
+                   if before[key] != now[key]]
         if changed:
             raise ValueError(f"cannot resume {checkpoint} with another model ({'; '.join(changed)})")
         if info.num_classes != self.num_classes:
@@ -301,7 +306,8 @@ class Trainer:
         self.nonfinite_output = torch.zeros((), dtype=torch.bool, device=self.device)
         for micro in range(accum):
             global_micro = self.context.rank * accum + micro
-            generator = torch.Generator(self.device).manual_seed(mix_seed(config.train.seed, self.step, global_micro))
+            seed = mix_seed(config.train.seed, _TIMES, self.step, global_micro)
+            generator = torch.Generator(self.device).manual_seed(seed)
             last = micro == accum - 1
             with nullcontext() if last or not self.context.is_distributed else self.network.no_sync():
                 outputs = self._micro_loss(next(batches), progress, generator)
