@@ -1,22 +1,23 @@
 """Benchmark of the pixel neural-field transformer on CPU (float32).
 
-    .venv/bin/python benchmarks/bench_model.py [--sizes T/8 S/8] [--repeats 3]
+    .venv/bin/python benchmarks/bench_model.py [--sizes T/8 S/8] [--repeats 2]
 
 Prints, for each size at 64 x 64 (batch 16) and 256 x 256 (batch 2):
   - parameters of the flow model (d = 3, image-conditioned);
-  - forward throughput (images/s, no_grad) and its peak extra memory;
-  - training-step throughput (reshaped objective, N = 150, backward, AdamW step) and its peak extra memory;
+  - forward throughput (no_grad) and training-step throughput (reshaped objective, N = 150, backward,
+    AdamW step), each as images per wall-clock second at the default thread count ("wall") and as
+    images per CPU-second of one thread ("cpu1"), and each call's peak extra memory;
   - the time of 1-step Euler sampling (x_0, one forward, Euler update, nearest-centroid decoding,
     N = 150) over the time of one forward pass of the discriminative twin with its argmax (target <= 1.1);
   - at 256 x 256: the training-step time of the reshaped objective over vanilla flow matching at
     N = 150 (target <= 1.10).
-Times are the minimum over repeats. Throughputs are wall-clock at the default thread count. Ratios
-are of process CPU time with one thread, the two sides interleaved in the same process: on a shared
-machine wall time (and multi-thread CPU time, which counts spin-waiting) varies with other processes'
-load far more than single-thread CPU time does. Peak extra
-memory is measured in a fresh subprocess per case (a process reuses freed heap pages, which would hide
-later peaks): its peak resident set (VmHWM) after one call minus its resident set just before, with
-model, optimiser and inputs already built.
+Times are the minimum over repeats, the measured calls interleaved. On a shared machine wall time
+(and multi-thread CPU time, which counts spin-waiting) varies with other processes' load far more
+than single-thread CPU time, so the ratios and the "cpu1" figures use process CPU time with one
+thread; the load average is printed beside the figures. Peak extra memory is measured in a fresh
+subprocess per case (a process reuses freed heap pages, which would hide later peaks): its peak
+resident set (VmHWM) after one call minus its resident set just before, with model, optimiser and
+inputs already built.
 """
 
 from __future__ import annotations
@@ -77,10 +78,9 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def cpu_time_ratio(numerator: Callable[[], object], denominator: Callable[[], object], repeats: int) -> float:
+def best_cpu_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
     with single_thread():
-        a, b = interleaved_best([numerator, denominator], repeats, clock=time.process_time)
-    return a / b
+        return interleaved_best(fns, repeats, clock=time.process_time)
 
 
 def workload(size: str, side: int, batch: int) -> tuple[int, dict[str, Callable[..., None]]]:
@@ -120,17 +120,21 @@ def workload(size: str, side: int, batch: int) -> tuple[int, dict[str, Callable[
 def bench(size: str, side: int, batch: int, repeats: int) -> None:
     params, calls = workload(size, side, batch)
     forward, train_step = calls["forward"], calls["train"]
-    forward_mib = peak_extra_mib(size, side, batch, "forward")
-    train_mib = peak_extra_mib(size, side, batch, "train")
-    forward_s, train_s = interleaved_best([forward, train_step], repeats)
-    line = (
-        f"{size:5s} {side:4d}px b={batch:<3d} {params / 1e6:6.2f}M params | forward {batch / forward_s:6.1f} img/s, "
-        f"peak +{forward_mib:5.0f} MiB | train {batch / train_s:5.1f} img/s ({train_s * 1e3:5.0f} ms/step), "
-        f"peak +{train_mib:5.0f} MiB | sample(1)/twin {cpu_time_ratio(calls['sample'], calls['twin'], repeats):5.3f}x"
-    )
+    memory = {case: peak_extra_mib(size, side, batch, case) for case in ("forward", "train")}
+    wall = dict(zip(("forward", "train"), interleaved_best([forward, train_step], repeats)))
+    cases = {"forward": forward, "train": train_step, "sample": calls["sample"], "twin": calls["twin"]}
     if side == 256:
-        ratio = cpu_time_ratio(train_step, lambda: train_step("vanilla"), repeats)
-        line += f" | reshaped/vanilla step {ratio:5.3f}x"
+        cases["vanilla"] = lambda: train_step("vanilla")
+    cpu = dict(zip(cases, best_cpu_times(list(cases.values()), repeats)))
+    line = f"{size:5s} {side:4d}px b={batch:<3d} {params / 1e6:6.2f}M params"
+    for case in ("forward", "train"):
+        line += (
+            f" | {case} {batch / wall[case]:5.1f} img/s wall, {batch / cpu[case]:5.1f} img/s cpu1,"
+            f" peak +{memory[case]:5.0f} MiB"
+        )
+    line += f" | sample(1)/twin {cpu['sample'] / cpu['twin']:5.3f}x"
+    if side == 256:
+        line += f" | reshaped/vanilla step {cpu['train'] / cpu['vanilla']:5.3f}x"
     print(line, flush=True)
 
 
