@@ -122,7 +122,7 @@ def bench(size: str, side: int, batch: int, repeats: int) -> None:
     forward, train_step = calls["forward"], calls["train"]
     memory = {case: peak_extra_mib(size, side, batch, case) for case in ("forward", "train")}
     wall = dict(zip(("forward", "train"), interleaved_best([forward, train_step], repeats)))
-    cases = {"forward": forward, "train": train_step, "sample": calls["sample"], "twin": calls["twin"]}
+    cases = dict(calls)
     if side == 256:
         cases["vanilla"] = lambda: train_step("vanilla")
     cpu = dict(zip(cases, best_cpu_times(list(cases.values()), repeats)))
