@@ -85,8 +85,8 @@ def run_demo(out_dir: str | Path | None = None, minutes: float | None = None, tw
     wall = time.monotonic() - started
 
     print(test.table, end="")
-    best = test.results[0].metrics
-    print(f"\nmnist-seg test mIoU {best.miou:.4f}, pixel accuracy {best.pixel_accuracy:.4f} after "
+    metrics = test.results[0].metrics
+    print(f"\nmnist-seg test mIoU {metrics.miou:.4f}, pixel accuracy {metrics.pixel_accuracy:.4f} after "
           f"{training.step} steps ({training.elapsed_seconds / 60:.1f} min training, stopped by the "
           f"{training.stopped_by} budget); demo wall time {wall / 60:.1f} min")
     print(f"wrote {out_dir}/: run/, test/result.json, predictions/, training_curve.png")

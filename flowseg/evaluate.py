@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from flowseg.checkpoint import ensure_writable_dir, write_atomically
 from flowseg.config import Config, to_yaml
@@ -72,16 +73,13 @@ def evaluate_dataset(segmenter: Segmenter, dataset: Dataset, num_classes: int,
     matrices = [ConfusionMatrix(num_classes, device=segmenter.device) for _ in counts]
     seconds = [0.0 for _ in counts]
     batch_size = segmenter.config.eval.batch_size
-    batches = range(0, len(indices), batch_size)
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc="evaluate", unit="batch", leave=False)
-    for start in batches:
+    starts = range(0, len(indices), batch_size)
+    for start in tqdm(starts, desc="evaluate", unit="batch", leave=False) if progress else starts:
         samples = [dataset[i] for i in indices[start:start + batch_size]]
         for group in _same_size_groups(samples):
             image = torch.stack([s["image"] for s in group]).to(segmenter.device)
             label = torch.stack([s["label"] for s in group]).to(segmenter.device)
-            for matrix, position, steps in zip(matrices, range(len(counts)), counts):
+            for position, (matrix, steps) in enumerate(zip(matrices, counts)):
                 began = time.perf_counter()
                 prediction = segmenter.predict(image, steps)
                 seconds[position] += time.perf_counter() - began
