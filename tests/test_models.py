@@ -18,6 +18,17 @@ from flowseg.models.layers import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run single-threaded: these tensors are small, and on a loaded 2-core machine every 2-thread
+    parallel region waits for a descheduled thread (a 64 x 128 @ 128 x 512 matmul measured 15.7 ms
+    with 2 threads against 0.13 ms with 1 at load average 3.8)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomise_zero_inits(model: nn.Module, seed: int = 0) -> None:
     """Give the zero-initialised layers (adaLN modulation, output) random weights, so every path is live."""
     generator = torch.Generator().manual_seed(seed)
@@ -349,17 +360,17 @@ def test_bad_forward_inputs():
 # overfitting one batch of the synthetic shapes data
 
 
-def overfit_shapes(image_size: int, batch: int, max_steps: int, sample_steps: int) -> tuple[int, float]:
-    """Train T/8 on one fixed batch with the reshaped objective until the sampled label maps have
-    < 5% pixel error; returns (steps taken, final error)."""
+def test_tiny_model_overfits_one_batch():
+    """T/8 trained on one fixed batch of 8 shapes images (64 x 64) with the reshaped objective reaches
+    < 5% pixel error of the 10-step Euler sample within 300 steps (30 with this seed)."""
     from flowseg.data import build_dataset
     from flowseg.encoding import build_encoding
     from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
     from flowseg.sampling import segment
 
     torch.manual_seed(0)
-    dataset = build_dataset("shapes", "train", image_size=image_size)
-    samples = [dataset[i] for i in range(batch)]
+    dataset = build_dataset("shapes", "train", image_size=64)
+    samples = [dataset[i] for i in range(8)]
     image = torch.stack([s["image"] for s in samples])
     labels = torch.stack([s["label"] for s in samples])
     encoding = build_encoding("kronecker", dataset.num_classes)
@@ -368,27 +379,15 @@ def overfit_shapes(image_size: int, batch: int, max_steps: int, sample_steps: in
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     valid = labels != 255
-    error = 1.0
-    for step in range(1, max_steps + 1):
+    for step in range(1, 301):
         loss = objective(model, image, labels, generator=generator).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         if step % 10 == 0:
             with torch.no_grad():
-                predicted, _ = segment(model, image, encoding, steps=sample_steps)
+                predicted, _ = segment(model, image, encoding, steps=10)
             error = ((predicted != labels) & valid).sum().item() / valid.sum().item()
             if error < 0.05:
-                return step, error
-    return max_steps, error
-
-
-def test_tiny_model_overfits_one_small_batch():
-    steps, error = overfit_shapes(image_size=32, batch=4, max_steps=150, sample_steps=1)
-    assert error < 0.05, f"pixel error {error:.3f} after {steps} steps"
-
-
-@pytest.mark.slow
-def test_tiny_model_overfits_one_batch_at_64px():
-    steps, error = overfit_shapes(image_size=64, batch=8, max_steps=300, sample_steps=10)
-    assert error < 0.05, f"pixel error {error:.3f} after {steps} steps"
+                break
+    assert error < 0.05, f"pixel error {error:.3f} after {step} steps"
