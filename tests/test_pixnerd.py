@@ -112,7 +112,9 @@ def pixnerd_reference(w, x, t, heads=2, depth=2, field_depth=2, patch=4, nerf_ra
     pixels = patches.reshape(-1, 3, patch * patch).transpose(1, 2)  # (M, p^2, 3)
     pos_y, pos_x = torch.meshgrid(torch.linspace(0, 1, patch), torch.linspace(0, 1, patch), indexing="ij")
     f = torch.linspace(0, 8, 8)
-    dct = torch.einsum("qi,qj->qij", torch.cos(torch.pi * pos_x.reshape(-1, 1) * f), torch.cos(torch.pi * pos_y.reshape(-1, 1) * f))
+    cos_x = torch.cos(torch.pi * pos_x.reshape(-1, 1) * f)  # (p^2, 8)
+    cos_y = torch.cos(torch.pi * pos_y.reshape(-1, 1) * f)
+    dct = torch.einsum("qi,qj->qij", cos_x, cos_y)
     dct = (dct / (1 + f[:, None] * f[None, :])).reshape(patch * patch, 64)
     h = lin(torch.cat([pixels, dct.expand(pixels.shape[0], -1, -1)], -1), "x_embedder.embedder.0")
     c = h.shape[-1]
