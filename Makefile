@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/flowseg demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
