@@ -9,7 +9,6 @@ Reshaped target, per pixel, with the clean estimate x1_hat of the same forward p
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from flowseg.encoding import (
     IGNORE_INDEX, TRANSFORMS, CategoryEncoding, check_chunk, check_field, check_labels, class_chunks,
-    get_transform, sq_distances_to,
+    get_transform,
 )
 from flowseg.flow import (
     PARAMETERIZATIONS, T_SCHEMES, image_to_x0, interpolate, sample_t, target_velocity, to_clean_estimate,
@@ -66,6 +65,13 @@ class ObjectiveConfig:
         check_chunk(self.class_chunk)
 
 
+# The correction takes the pixels in blocks of about this many (class, pixel) entries. On a CPU a
+# block that stays in cache makes each pass over its classes several times cheaper than a pass over a
+# whole (B, N, H, W) tensor; accelerators prefer few large launches.
+CORRECTION_BLOCK_ELEMENTS_CPU = 2**20
+CORRECTION_BLOCK_ELEMENTS_ACCELERATOR = 2**26
+
+
 @torch.no_grad()
 def distance_correction(
     x1_hat: Tensor, labels: Tensor, centroids: Tensor, tau: float, eps: float, transform: str = "neg_log",
@@ -82,9 +88,10 @@ def distance_correction(
     w = 1/(d + eps), the paper's formula). -grad pulls towards mu_true with weight (1 - p_true) and
     pushes away from every other mu_k with weight p_k. The true class is kept out of the sums and
     1 - p_true is summed from the other p_k, so nothing cancels when p_true -> 1.
-    One pass over class chunks with an online softmax (running max, accumulators rescaled when it
-    grows): only (B, n, H, W) temporaries, n = class_chunk or N. Ignore pixels have no true class:
-    Phi = 0 there, and so is grad. (B, d, H, W), (B, H, W) -> (B, d, H, W), computed under no_grad.
+    The pixels are taken in cache-sized blocks, and each block's classes in chunks of class_chunk
+    (default: all at once) with an online softmax, so temporaries are two (n, pixels of a block)
+    buffers. Ignore pixels have no true class: Phi = 0 there, and so is grad.
+    (B, d, H, W), (B, H, W) -> (B, d, H, W), computed under no_grad.
     """
     centroids = centroids.to(device=x1_hat.device, dtype=x1_hat.dtype)
     num_classes, dim = centroids.shape
@@ -95,38 +102,97 @@ def distance_correction(
     if not (tau > 0 and eps > 0):
         raise ValueError(f"tau and eps must be > 0, got tau={tau}, eps={eps}")
     check_chunk(class_chunk)
+    get_transform(transform)
+
+    x = x1_hat.transpose(0, 1).reshape(dim, -1)  # (d, P): all B*H*W pixels side by side
+    true = torch.where(valid, labels, 0).flatten()  # (P,)
+    chunks = class_chunks(num_classes, class_chunk)
+    width = chunks[0].stop - chunks[0].start
+    on_cpu = x.device.type == "cpu"
+    block = max(1, (CORRECTION_BLOCK_ELEMENTS_CPU if on_cpu else CORRECTION_BLOCK_ELEMENTS_ACCELERATOR) // width)
+    block = min(block, x.shape[1])
+    # two flat buffers that every block and chunk reuses: fresh ones of this size would each cost page faults
+    workspace = [x.new_empty(width * block) for _ in range(2)]
+    tables = ClassTables.build(centroids)
+    grad = torch.empty_like(x)
+    for start in range(0, x.shape[1], block):
+        pixels = slice(start, start + block)
+        grad[:, pixels] = _block_correction(x[:, pixels], true[pixels], tables, chunks, transform, tau, eps, workspace)
+    grad *= valid.flatten()
+    return grad.view(dim, *labels.shape).transpose(0, 1).contiguous()
+
+
+@dataclass
+class ClassTables:
+    """Per-class tables that turn the correction's two sums over classes into matmuls."""
+    centroids: Tensor   # (N, d) mu
+    distance: Tensor    # (N, d + 2) [-2 mu_k, ||mu_k||^2, 1]: d_k = distance @ [x, 1, ||x||^2]
+    moments: Tensor     # (d + 1, N) [mu_k; 1]: moments @ q = [sum_k q_k mu_k; sum_k q_k]
+
+    @staticmethod
+    def build(centroids: Tensor) -> ClassTables:
+        ones = torch.ones_like(centroids[:, :1])
+        distance = torch.cat([-2.0 * centroids, centroids.square().sum(1, keepdim=True), ones], 1)
+        return ClassTables(centroids, distance, torch.cat([centroids, ones], 1).T)
+
+
+def _block_correction(
+    x: Tensor, true: Tensor, tables: ClassTables, chunks: list[slice], transform: str, tau: float, eps: float,
+    workspace: list[Tensor],
+) -> Tensor:
+    """distance_correction's grad for one block of pixels x (d, P) with true classes (P,)."""
     T = get_transform(transform)
+    dim, size = x.shape
+    x_aug = torch.cat([x, torch.ones_like(x[:1]), x.square().sum(0, keepdim=True)])  # (d + 2, P)
+    to_true = x - tables.centroids[true].T  # (d, P)
+    d_true = to_true.square().sum(0)  # (P,)
+    d_min = d_true  # running min_k d_k: every T decreases in d, so max_k T(d_k) = T(d_min)
+    p_other = torch.zeros_like(d_true)  # sum_k' p_k Z, with Z = sum_k exp((T(d_k) - T(d_min)) / tau)
+    q_other = torch.zeros_like(x_aug[:-1])  # [sum_k' q_k Z mu_k; sum_k' q_k Z], (d + 1, P)
+    for chunk in chunks:
+        n = chunk.stop - chunk.start
+        d = torch.mm(tables.distance[chunk], x_aug, out=workspace[0][: n * size].view(n, size))  # (n, P)
+        d.clamp_min_(0.0)  # the expansion can round slightly below 0 next to a centroid
+        closest = torch.minimum(d_min, d.amin(0))
+        rescale = T.score(d_min, eps).sub_(T.score(closest, eps)).div_(tau).exp_()  # 1 unless this chunk is closer
+        d_min = closest
+        p, q, q_unit = _relative_terms(d, d_min, transform, tau, eps, workspace[1][: n * size].view(n, size))
+        _exclude_true_class((p, q), true, chunk)
+        p_other = p_other.mul_(rescale).add_(p.sum(0))
+        q_other = q_other.mul_(rescale).add_(torch.mm(tables.moments[:, chunk], q).div_(q_unit))
+    normaliser = p_other + T.score(d_true, eps).sub_(T.score(d_min, eps)).div_(tau).exp_()  # Z = p_true Z + sum_k' p_k Z
+    attraction = T.weight(d_true, eps) * to_true  # w(d_true) (x1_hat - mu_true)
+    q_mu, q_sum = q_other[:dim], q_other[dim]
+    return (2.0 / tau) * (p_other * attraction - x * q_sum + q_mu) / normaliser
 
-    mu_true = centroids[torch.where(valid, labels, 0)].permute(0, 3, 1, 2)  # (B, d, H, W)
-    to_true = x1_hat - mu_true
-    attraction = T.weight(to_true.square().sum(1, keepdim=True), eps) * to_true  # w(d_true)(x1_hat - mu_true)
-    labels = labels.unsqueeze(1)  # (B, 1, H, W), compared with each chunk's class indices
 
-    max_score = torch.full_like(x1_hat[:, :1], -math.inf)  # running max_k T(d_k)/tau, (B, 1, H, W)
-    normaliser = torch.zeros_like(max_score)  # sum_k exp(T(d_k)/tau - max_score); p_k = exp(...)/normaliser
-    p_other = torch.zeros_like(max_score)     # sum_k' p_k = 1 - p_true, unnormalised like the two below
-    q_sum = torch.zeros_like(max_score)       # sum_k' q_k
-    q_mu = torch.zeros_like(x1_hat)           # sum_k' q_k mu_k, (B, d, H, W)
-    for chunk in class_chunks(num_classes, class_chunk):
-        d = sq_distances_to(x1_hat, centroids[chunk])  # (B, n, H, W)
-        weight = T.weight(d, eps)
-        score = T.score(d, eps).div_(tau)
-        del d
-        new_max = torch.maximum(max_score, score.amax(1, keepdim=True))
-        rescale = torch.exp(max_score - new_max)  # 0 on the first chunk
-        for accumulator in (normaliser, p_other, q_sum, q_mu):
-            accumulator.mul_(rescale)
-        max_score = new_max
-        p = score.sub_(max_score).exp_()  # unnormalised p_k, reusing the score buffer
-        normaliser += p.sum(1, keepdim=True)
-        classes = torch.arange(chunk.start, chunk.stop, device=labels.device).view(1, -1, 1, 1)
-        p.masked_fill_(labels == classes, 0.0)
-        p_other += p.sum(1, keepdim=True)
-        q = weight.mul_(p)
-        q_sum += q.sum(1, keepdim=True)
-        q_mu += torch.matmul(centroids[chunk].T, q.flatten(2)).view_as(q_mu)  # (d, n) @ (B, n, HW)
-    grad = (2.0 / tau) * (p_other * attraction - x1_hat * q_sum + q_mu) / normaliser
-    return grad * valid.unsqueeze(1)
+def _relative_terms(
+    d: Tensor, d_min: Tensor, transform: str, tau: float, eps: float, spare: Tensor,
+) -> tuple[Tensor, Tensor, Tensor | float]:
+    """p_k Z = exp((T(d_k) - T(d_min)) / tau) in (0, 1] and q_k Z = p_k Z w(d_k) for one chunk d (n, P).
+
+    Returns (p Z, q Z * unit, unit), in the storage of d and spare. For T = -log(d + eps), with
+    s_k = (d_min + eps) / (d_k + eps) in (0, 1]: p_k Z = s_k^(1/tau) and w(d_k) = s_k / (d_min + eps),
+    so no log or exp is evaluated, nothing overflows however small tau is, and the per-pixel
+    unit = d_min + eps divides the class sums instead of every q_k.
+    """
+    if transform == "neg_log":
+        s = torch.div((d_min + eps).unsqueeze(0), d.add_(eps), out=d)
+        p = s if tau == 1.0 else torch.pow(s, 1.0 / tau, out=spare)
+        q = torch.mul(p, s, out=spare if p is s else s)
+        return p, q, d_min + eps
+    T = get_transform(transform)
+    p = T.score(d, eps).sub_(T.score(d_min, eps)).div_(tau).exp_()
+    q = T.weight(d, eps).mul_(p)
+    return p, q, 1.0
+
+
+def _exclude_true_class(terms: tuple[Tensor, ...], true: Tensor, chunk: slice) -> None:
+    """Zero each (n, P) term at the row of its pixel's true class, where that class is in the chunk."""
+    in_chunk = (true >= chunk.start) & (true < chunk.stop)
+    row = (true - chunk.start).clamp_(0, chunk.stop - chunk.start - 1).unsqueeze(0)  # (1, P)
+    for term in terms:
+        term.scatter_(0, row, torch.where(in_chunk, 0.0, term.gather(0, row)))
 
 
 @dataclass
