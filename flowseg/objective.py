@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowseg.encoding import (
-    IGNORE_INDEX, TRANSFORMS, CategoryEncoding, check_chunk, check_field, check_labels, class_chunks,
-    get_transform,
+    IGNORE_INDEX, TRANSFORMS, CategoryEncoding, DistanceTransform, check_chunk, check_field, check_labels,
+    class_chunks, get_transform,
 )
 from flowseg.flow import (
     PARAMETERIZATIONS, T_SCHEMES, image_to_x0, interpolate, sample_t, target_velocity, to_clean_estimate,
@@ -88,9 +88,9 @@ def distance_correction(
     w = 1/(d + eps), the paper's formula). -grad pulls towards mu_true with weight (1 - p_true) and
     pushes away from every other mu_k with weight p_k. The true class is kept out of the sums and
     1 - p_true is summed from the other p_k, so nothing cancels when p_true -> 1.
-    The pixels are taken in cache-sized blocks, and each block's classes in chunks of class_chunk
-    (default: all at once) with an online softmax, so temporaries are two (n, pixels of a block)
-    buffers. Ignore pixels have no true class: Phi = 0 there, and so is grad.
+    The pixels are taken in cache-sized blocks, each block's classes in chunks of class_chunk
+    (default: all at once) with an online softmax, so the only temporaries of size N x pixels are two
+    (n, pixels of a block) buffers. Ignore pixels have no true class: Phi = 0 there, and so is grad.
     (B, d, H, W), (B, H, W) -> (B, d, H, W), computed under no_grad.
     """
     centroids = centroids.to(device=x1_hat.device, dtype=x1_hat.dtype)
@@ -102,95 +102,106 @@ def distance_correction(
     if not (tau > 0 and eps > 0):
         raise ValueError(f"tau and eps must be > 0, got tau={tau}, eps={eps}")
     check_chunk(class_chunk)
-    get_transform(transform)
+    softmax = RelativeSoftmax(transform, get_transform(transform), tau, eps)
 
     x = x1_hat.transpose(0, 1).reshape(dim, -1)  # (d, P): all B*H*W pixels side by side
+    x_aug = torch.cat([x, torch.ones_like(x[:1]), x.square().sum(0, keepdim=True)])  # (d + 2, P) [x; 1; ||x||^2]
     true = torch.where(valid, labels, 0).flatten()  # (P,)
-    chunks = class_chunks(num_classes, class_chunk)
-    width = chunks[0].stop - chunks[0].start
+    to_true = x - centroids[true].T  # (d, P) x1_hat - mu_true
+    chunks = ClassChunk.split(centroids, class_chunk)
+    width = chunks[0].classes.stop - chunks[0].classes.start
     on_cpu = x.device.type == "cpu"
-    block = max(1, (CORRECTION_BLOCK_ELEMENTS_CPU if on_cpu else CORRECTION_BLOCK_ELEMENTS_ACCELERATOR) // width)
-    block = min(block, x.shape[1])
+    block = (CORRECTION_BLOCK_ELEMENTS_CPU if on_cpu else CORRECTION_BLOCK_ELEMENTS_ACCELERATOR) // width
+    block = min(max(1, block), x.shape[1])
     # two flat buffers that every block and chunk reuses: fresh ones of this size would each cost page faults
-    workspace = [x.new_empty(width * block) for _ in range(2)]
-    tables = ClassTables.build(centroids)
+    workspace = (x.new_empty(width * block), x.new_empty(width * block))
     grad = torch.empty_like(x)
     for start in range(0, x.shape[1], block):
         pixels = slice(start, start + block)
-        grad[:, pixels] = _block_correction(x[:, pixels], true[pixels], tables, chunks, transform, tau, eps, workspace)
+        grad[:, pixels] = _block_correction(x_aug[:, pixels], to_true[:, pixels], true[pixels], chunks, softmax, workspace)
     grad *= valid.flatten()
     return grad.view(dim, *labels.shape).transpose(0, 1).contiguous()
 
 
 @dataclass
-class ClassTables:
-    """Per-class tables that turn the correction's two sums over classes into matmuls."""
-    centroids: Tensor   # (N, d) mu
-    distance: Tensor    # (N, d + 2) [-2 mu_k, ||mu_k||^2, 1]: d_k = distance @ [x, 1, ||x||^2]
-    moments: Tensor     # (d + 1, N) [mu_k; 1]: moments @ q = [sum_k q_k mu_k; sum_k q_k]
+class ClassChunk:
+    """A chunk of classes and the tables that turn the correction's sums over them into matmuls."""
+    classes: slice
+    distance: Tensor  # (n, d + 2) [-2 mu_k, ||mu_k||^2, 1], so d_k = distance @ [x; 1; ||x||^2]
+    moments: Tensor   # (d + 1, n) [mu_k; 1], so moments @ q = [sum_k q_k mu_k; sum_k q_k]
 
     @staticmethod
-    def build(centroids: Tensor) -> ClassTables:
+    def split(centroids: Tensor, class_chunk: int | None) -> list[ClassChunk]:
         ones = torch.ones_like(centroids[:, :1])
         distance = torch.cat([-2.0 * centroids, centroids.square().sum(1, keepdim=True), ones], 1)
-        return ClassTables(centroids, distance, torch.cat([centroids, ones], 1).T)
+        moments = torch.cat([centroids, ones], 1).T
+        return [ClassChunk(c, distance[c], moments[:, c]) for c in class_chunks(centroids.shape[0], class_chunk)]
+
+
+@dataclass(frozen=True)
+class RelativeSoftmax:
+    """p_k = softmax_k(T(d_k) / tau), taken relative to the closest class.
+
+    Every T decreases in d, so max_k T(d_k) = T(d_min) and p_k Z = exp((T(d_k) - T(d_min)) / tau) lies in
+    (0, 1], with Z = sum_k p_k Z >= 1: nothing overflows or vanishes whatever tau is.
+    """
+    name: str
+    transform: DistanceTransform
+    tau: float
+    eps: float
+
+    def relative(self, d: Tensor, d_min: Tensor) -> Tensor:
+        """exp((T(d) - T(d_min)) / tau) for per-pixel d, d_min (P,)."""
+        T, eps = self.transform, self.eps
+        return T.score(d, eps).sub_(T.score(d_min, eps)).div_(self.tau).exp_()
+
+    def terms(self, d: Tensor, d_min: Tensor, spare: Tensor) -> tuple[Tensor, Tensor, Tensor | float]:
+        """(p_k Z, q_k Z unit, unit) for one chunk of distances d (n, P), q_k = p_k w(d_k), in d's and spare's storage.
+
+        For T = -log(d + eps), with s_k = (d_min + eps) / (d_k + eps) in (0, 1]: p_k Z = s_k^(1/tau) and
+        w(d_k) = s_k / (d_min + eps). No log or exp is evaluated, and unit = d_min + eps (per pixel)
+        divides the class sums instead of every q_k.
+        """
+        if self.name == "neg_log":
+            s = torch.div((d_min + self.eps).unsqueeze(0), d.add_(self.eps), out=d)
+            p = s if self.tau == 1.0 else torch.pow(s, 1.0 / self.tau, out=spare)
+            q = torch.mul(p, s, out=spare if p is s else s)
+            return p, q, d_min + self.eps
+        p = self.relative(d, d_min.unsqueeze(0))
+        return p, self.transform.weight(d, self.eps).mul_(p), 1.0
 
 
 def _block_correction(
-    x: Tensor, true: Tensor, tables: ClassTables, chunks: list[slice], transform: str, tau: float, eps: float,
-    workspace: list[Tensor],
+    x_aug: Tensor, to_true: Tensor, true: Tensor, chunks: list[ClassChunk], softmax: RelativeSoftmax,
+    workspace: tuple[Tensor, Tensor],
 ) -> Tensor:
-    """distance_correction's grad for one block of pixels x (d, P) with true classes (P,)."""
-    T = get_transform(transform)
-    dim, size = x.shape
-    x_aug = torch.cat([x, torch.ones_like(x[:1]), x.square().sum(0, keepdim=True)])  # (d + 2, P)
-    to_true = x - tables.centroids[true].T  # (d, P)
+    """distance_correction's grad (d, P) for one block of pixels x_aug = [x; 1; ||x||^2] (d + 2, P)."""
+    dim, size = to_true.shape
     d_true = to_true.square().sum(0)  # (P,)
-    d_min = d_true  # running min_k d_k: every T decreases in d, so max_k T(d_k) = T(d_min)
-    p_other = torch.zeros_like(d_true)  # sum_k' p_k Z, with Z = sum_k exp((T(d_k) - T(d_min)) / tau)
+    d_min = d_true  # running min_k d_k over the chunks seen
+    p_other = torch.zeros_like(d_true)  # sum_k' p_k Z
     q_other = torch.zeros_like(x_aug[:-1])  # [sum_k' q_k Z mu_k; sum_k' q_k Z], (d + 1, P)
     for chunk in chunks:
-        n = chunk.stop - chunk.start
-        d = torch.mm(tables.distance[chunk], x_aug, out=workspace[0][: n * size].view(n, size))  # (n, P)
+        n = chunk.classes.stop - chunk.classes.start
+        d = torch.mm(chunk.distance, x_aug, out=workspace[0][: n * size].view(n, size))  # (n, P)
         d.clamp_min_(0.0)  # the expansion can round slightly below 0 next to a centroid
         closest = torch.minimum(d_min, d.amin(0))
-        rescale = T.score(d_min, eps).sub_(T.score(closest, eps)).div_(tau).exp_()  # 1 unless this chunk is closer
+        rescale = softmax.relative(d_min, closest)  # 1 unless this chunk holds a closer class
         d_min = closest
-        p, q, q_unit = _relative_terms(d, d_min, transform, tau, eps, workspace[1][: n * size].view(n, size))
-        _exclude_true_class((p, q), true, chunk)
-        p_other = p_other.mul_(rescale).add_(p.sum(0))
-        q_other = q_other.mul_(rescale).add_(torch.mm(tables.moments[:, chunk], q).div_(q_unit))
-    normaliser = p_other + T.score(d_true, eps).sub_(T.score(d_min, eps)).div_(tau).exp_()  # Z = p_true Z + sum_k' p_k Z
-    attraction = T.weight(d_true, eps) * to_true  # w(d_true) (x1_hat - mu_true)
-    q_mu, q_sum = q_other[:dim], q_other[dim]
-    return (2.0 / tau) * (p_other * attraction - x * q_sum + q_mu) / normaliser
+        p, q, unit = softmax.terms(d, d_min, workspace[1][: n * size].view(n, size))
+        _exclude_true_class((p, q), true, chunk.classes)
+        p_other.mul_(rescale).add_(p.sum(0))
+        q_other.mul_(rescale).add_(torch.mm(chunk.moments, q).div_(unit))
+    normaliser = p_other + softmax.relative(d_true, d_min)  # Z = sum_k' p_k Z + p_true Z
+    attraction = softmax.transform.weight(d_true, softmax.eps) * to_true  # w(d_true) (x1_hat - mu_true)
+    x, q_mu, q_sum = x_aug[:dim], q_other[:dim], q_other[dim]
+    return (2.0 / softmax.tau) * (p_other * attraction - x * q_sum + q_mu) / normaliser
 
 
-def _relative_terms(
-    d: Tensor, d_min: Tensor, transform: str, tau: float, eps: float, spare: Tensor,
-) -> tuple[Tensor, Tensor, Tensor | float]:
-    """p_k Z = exp((T(d_k) - T(d_min)) / tau) in (0, 1] and q_k Z = p_k Z w(d_k) for one chunk d (n, P).
-
-    Returns (p Z, q Z * unit, unit), in the storage of d and spare. For T = -log(d + eps), with
-    s_k = (d_min + eps) / (d_k + eps) in (0, 1]: p_k Z = s_k^(1/tau) and w(d_k) = s_k / (d_min + eps),
-    so no log or exp is evaluated, nothing overflows however small tau is, and the per-pixel
-    unit = d_min + eps divides the class sums instead of every q_k.
-    """
-    if transform == "neg_log":
-        s = torch.div((d_min + eps).unsqueeze(0), d.add_(eps), out=d)
-        p = s if tau == 1.0 else torch.pow(s, 1.0 / tau, out=spare)
-        q = torch.mul(p, s, out=spare if p is s else s)
-        return p, q, d_min + eps
-    T = get_transform(transform)
-    p = T.score(d, eps).sub_(T.score(d_min, eps)).div_(tau).exp_()
-    q = T.weight(d, eps).mul_(p)
-    return p, q, 1.0
-
-
-def _exclude_true_class(terms: tuple[Tensor, ...], true: Tensor, chunk: slice) -> None:
-    """Zero each (n, P) term at the row of its pixel's true class, where that class is in the chunk."""
-    in_chunk = (true >= chunk.start) & (true < chunk.stop)
-    row = (true - chunk.start).clamp_(0, chunk.stop - chunk.start - 1).unsqueeze(0)  # (1, P)
+def _exclude_true_class(terms: tuple[Tensor, ...], true: Tensor, classes: slice) -> None:
+    """Zero each (n, P) term in the row of its pixel's true class, where the chunk holds that class."""
+    in_chunk = (true >= classes.start) & (true < classes.stop)
+    row = (true - classes.start).clamp_(0, classes.stop - classes.start - 1).unsqueeze(0)  # (1, P)
     for term in terms:
         term.scatter_(0, row, torch.where(in_chunk, 0.0, term.gather(0, row)))
 

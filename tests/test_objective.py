@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flowseg.encoding import IGNORE_INDEX, TRANSFORMS, build_encoding
+from flowseg import objective
 from flowseg.flow import image_to_x0, interpolate
 from flowseg.objective import (
     FlowMatchingObjective, ObjectiveConfig, discriminative_loss, distance_correction,
@@ -65,6 +66,78 @@ def test_correction_float32_close_to_float64():
     exact = distance_correction(x, labels, mu, 1.0, EPS, "neg_log")
     single = distance_correction(x.float(), labels, mu.float(), 1.0, EPS, "neg_log", class_chunk=16)
     assert torch.allclose(single.double(), exact, rtol=1e-3, atol=1e-3 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.2, 1.0, 2.5])
+def test_neg_log_power_form_equals_score_form(tau, monkeypatch):
+    # T = -log(d + eps) takes a closed form, p_k Z = ((d_min + eps) / (d_k + eps))^(1/tau); under another
+    # name the same transform goes through the general exp((T(d_k) - T(d_min)) / tau)
+    monkeypatch.setitem(TRANSFORMS, "neg_log_via_scores", TRANSFORMS["neg_log"])
+    mu = kronecker64(23)
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 3, 5, 6, generator=g, dtype=torch.float64) * 12 - 6  # d up to ~100: (eps/d)^20 ~ 1e-100
+    x[0, :, 1, :] = mu[:6].T + 1e-4  # next to a centroid: p_true -> 1
+    labels = torch.randint(0, 23, (2, 5, 6), generator=g)
+    labels[0, 1, :] = torch.arange(6)
+    for chunk in (None, 5):
+        fast = distance_correction(x, labels, mu, tau, EPS, "neg_log", class_chunk=chunk)
+        general = distance_correction(x, labels, mu, tau, EPS, "neg_log_via_scores", class_chunk=chunk)
+        assert torch.isfinite(fast).all()
+        assert torch.allclose(fast, general, rtol=1e-10, atol=1e-12 * general.abs().max().item()), (tau, chunk)
+
+
+def reference_neg_log_correction(x, labels, mu, tau, eps):
+    """(2/tau) sum_{k != true} p_k [w_true (x - mu_true) - w_k (x - mu_k)], w = 1/(d + eps), by broadcasting.
+
+    The same grad as autograd of Phi (as sum_k (y_k - p_k) = 0), but without 1 - p_true, which autograd
+    of log_softmax forms and which rounds to 0 once p_true -> 1. Labelled pixels only.
+    """
+    diff = x[:, None] - mu[None, :, :, None, None]  # (B, N, d, H, W)
+    d = diff.square().sum(2)
+    p = torch.softmax(-torch.log(d + eps) / tau, dim=1)
+    term = diff / (d + eps).unsqueeze(2)  # w_k (x - mu_k)
+    index = labels[:, None, None].expand(-1, 1, x.shape[1], -1, -1)
+    term_true = term.gather(1, index)  # (B, 1, d, H, W)
+    p_other = p.scatter(1, labels.unsqueeze(1), 0.0)
+    return (2 / tau) * (p_other.unsqueeze(2) * (term_true - term)).sum(1)
+
+
+@pytest.mark.parametrize("tau", [0.05, 1.0])
+def test_correction_where_p_true_rounds_to_one(tau):
+    # At 0.03 from the true centroid (N = 150) 1 - p_true is ~1e-20 at tau = 0.05: computed as 1 - p_true,
+    # even in float64, it is 0 (autograd of log_softmax misses the pixel's attraction there). Kept out
+    # of the sums, every pixel's value stays within 1e-3 of the reference in float32, 1e-9 in float64;
+    # and (1/eps)^(1/tau) = 1e60 would overflow float32 if p were not taken relative to the closest class.
+    mu = kronecker64(150)
+    g = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 150, (1, 4, 16), generator=g)
+    x = torch.rand(1, 3, 4, 16, generator=g, dtype=torch.float64) * 8 - 4
+    near = mu[labels[0, :2]].permute(2, 0, 1)  # (3, 2, 16): the true centroids of the first two rows
+    offset = torch.randn(3, 2, 16, generator=g, dtype=torch.float64)
+    x[0, :, :2] = near + 0.03 * offset / offset.norm(dim=0)
+    expected = reference_neg_log_correction(x, labels, mu, tau, EPS)
+    assert torch.allclose(expected[0, :, 2:], autograd_correction(x, labels, mu, tau, EPS, "neg_log")[0, :, 2:],
+                          rtol=1e-9, atol=1e-12)  # the two oracles agree away from the centroids
+    for dtype, tolerance in ((torch.float32, 1e-3), (torch.float64, 1e-9)):
+        for chunk in (None, 16):
+            got = distance_correction(x.to(dtype), labels, mu.to(dtype), tau, EPS, "neg_log", chunk).double()
+            assert torch.isfinite(got).all()
+            error = (got - expected).norm(dim=1) / expected.norm(dim=1)
+            assert (error < tolerance).all(), (tau, dtype, chunk, error.max().item())
+
+
+def test_correction_in_small_pixel_blocks(monkeypatch):
+    # blocks of 2 pixels (the last one ragged) and class chunks of 4 give the autograd values too
+    monkeypatch.setattr(objective, "CORRECTION_BLOCK_ELEMENTS_CPU", 8)
+    mu = kronecker64(11)
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 3, 3, 5, generator=g, dtype=torch.float64) * 2.2 - 1.1
+    labels = torch.randint(0, 11, (2, 3, 5), generator=g)
+    labels[1, 0, 1] = IGNORE_INDEX
+    for transform, tau in (("neg_log", 1.0), ("neg_log", 0.3), ("inverse", 0.7)):
+        expected = autograd_correction(x, labels, mu, tau, EPS, transform)
+        got = distance_correction(x, labels, mu, tau, EPS, transform, class_chunk=4)
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-9), (transform, tau)
 
 
 def test_minus_grad_attracts_in_one_dimension():
