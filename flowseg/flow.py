@@ -69,14 +69,27 @@ def target_velocity(x0: Tensor, x1: Tensor) -> Tensor:
 
 def sample_t(
     batch: int, scheme: str = "uniform", device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, zero_fraction: float = 0.0,
 ) -> Tensor:
-    """t ~ U[0, 1], or logit-normal t = sigmoid(n), n ~ N(0, 1) (more weight on mid-path times)."""
+    """t ~ U[0, 1], or logit-normal t = sigmoid(n), n ~ N(0, 1) (more weight on mid-path times);
+    then each t is set to 0 with probability zero_fraction.
+
+    Why t = 0 matters: x_t = (1 - t) x_0 + t x_1 with x_0 = I, so for t > 0 a network that sees I can
+    read the answer off its input, v* = (x_t - I) / t, without segmenting anything; only at t = 0
+    (x_t = I) must it infer x_1 from the image. The sampler's first step is taken there.
+    """
+    if not 0.0 <= zero_fraction <= 1.0:
+        raise ValueError(f"zero_fraction must be in [0, 1], got {zero_fraction!r}")
     if scheme == "uniform":
-        return torch.rand(batch, device=device, generator=generator)
-    if scheme == "logit_normal":
-        return torch.sigmoid(torch.randn(batch, device=device, generator=generator))
-    raise ValueError(f"unknown t sampling scheme {scheme!r}; expected one of {T_SCHEMES}")
+        t = torch.rand(batch, device=device, generator=generator)
+    elif scheme == "logit_normal":
+        t = torch.sigmoid(torch.randn(batch, device=device, generator=generator))
+    else:
+        raise ValueError(f"unknown t sampling scheme {scheme!r}; expected one of {T_SCHEMES}")
+    if zero_fraction > 0.0:
+        at_zero = torch.rand(batch, device=device, generator=generator) < zero_fraction
+        t = t.masked_fill(at_zero, 0.0)
+    return t
 
 
 def _check_parameterization(parameterization: str) -> None:

@@ -46,6 +46,7 @@ class ObjectiveConfig:
     lam_schedule: str = "constant"       # "annealed": lambda * (1 - progress), linear to 0 at the end
     parameterization: str = "v"          # "v" | "x"
     t_sampling: str = "uniform"          # "uniform" | "logit_normal"
+    t_zero_fraction: float = 0.0         # share of draws put at t = 0, where x_t = I (see flow.sample_t)
     mask_ignore: bool = True
     class_chunk: int | None = None
 
@@ -259,7 +260,8 @@ class FlowMatchingObjective:
         valid = check_labels(labels, enc.num_classes)
         # masked ignore pixels stay at x_0 (zero target velocity); unmasked ones are trained towards 0
         x1 = enc.to(image.device).encode(labels, ignore_fill=x0 if cfg.mask_ignore else None)
-        t = sample_t(image.shape[0], cfg.t_sampling, device=image.device, generator=generator)
+        t = sample_t(image.shape[0], cfg.t_sampling, device=image.device, generator=generator,
+                     zero_fraction=cfg.t_zero_fraction)
         x_t = interpolate(x0, x1, t)
         output = velocity_model(x_t, t, image)
         v_pred = to_velocity(output, x_t, t, cfg.parameterization)

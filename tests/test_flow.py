@@ -78,3 +78,16 @@ def test_bad_input():
         image_to_x0(torch.zeros(2, 1, 2, 2), 3)
     with pytest.raises(ValueError, match="dim must be a positive int"):
         image_to_x0(x, 0)
+
+
+def test_sample_t_zero_fraction_puts_that_share_at_t0_and_keeps_the_rest_uniform():
+    gen = torch.Generator().manual_seed(0)
+    t = sample_t(200_000, "uniform", generator=gen, zero_fraction=0.3)
+    at_zero = t == 0
+    # a uniform draw is exactly 0 with probability ~2^-24, so the zeros are the forced ones
+    assert abs(at_zero.float().mean().item() - 0.3) < 0.005
+    rest = t[~at_zero]
+    assert abs(rest.mean().item() - 0.5) < 0.005 and abs(rest.var().item() - 1 / 12) < 0.002
+    assert torch.equal(sample_t(64, generator=torch.Generator().manual_seed(1), zero_fraction=1.0), torch.zeros(64))
+    with pytest.raises(ValueError, match="zero_fraction"):
+        sample_t(4, zero_fraction=1.5)
