@@ -7,6 +7,10 @@ Prints, from one run:
      (float32, CPU), without and with class chunking. Each case runs in a fresh subprocess; its peak
      extra memory is the process's peak resident set (VmHWM) after the call minus its resident set
      (VmRSS) just before it, with the inputs allocated and the code paged in by a tiny first call.
+  1b. single-thread CPU time (time.process_time, the clock of bench_model.py's ratios) of
+     distance_correction at the training step's size, B = 2, 256 x 256, N = 150, for several tau,
+     class_chunk and transforms, next to one CategoryEncoding.sq_distances call (a single
+     (B, N, H, W) distance tensor) measured with interleaved repeats in the same process.
   2. time of CategoryEncoding.decode for N = 171 at 1 x 512 x 512 next to a plain argmax over a
      (1, 171, 512, 512) logit tensor, measured in this process with interleaved repeats, and their
      ratio (target <= 2).
@@ -21,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -30,6 +35,21 @@ from flowseg.objective import distance_correction
 CORRECTION_CASES = (None, 50, 16)  # class_chunk
 REPEATS = 3
 DECODE_REPEATS = 7
+CPU_REPEATS = 5
+
+
+def interleaved_best(cases: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+    """Minimum time of each case over repeats, the cases run alternately so that a change in the
+    machine's load hits every case alike (after one warm-up each)."""
+    for fn in cases.values():
+        fn()
+    best = {name: math.inf for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = clock()
+            fn()
+            best[name] = min(best[name], clock() - start)
+    return best
 
 
 def best_time(fn, repeats: int = REPEATS) -> float:
@@ -82,6 +102,30 @@ def run_correction_cases() -> None:
         print(f"   class_chunk={str(chunk):>4}: {seconds:.3f} s, peak extra {mib:.0f} MiB")
 
 
+def run_correction_cpu_case() -> None:
+    g = torch.Generator().manual_seed(0)
+    encoding = build_encoding("kronecker", 150)
+    mu = encoding.centroids
+    x1_hat = torch.rand(2, 3, 256, 256, generator=g) * 2 - 1
+    labels = torch.randint(0, 150, (2, 256, 256), generator=g)
+    baseline_name = "sq_distances, one (B, N, H, W) tensor"
+    cases = {baseline_name: lambda: encoding.sq_distances(x1_hat)}
+    for transform, tau, class_chunk in (
+        ("neg_log", 1.0, None), ("neg_log", 0.5, None), ("neg_log", 0.05, None), ("neg_log", 1.0, 16),
+        ("inverse", 1.0, None), ("identity", 1.0, None),
+    ):
+        name = f"correction {transform}, tau={tau:g}" + (f", class_chunk={class_chunk}" if class_chunk else "")
+        cases[name] = partial(distance_correction, x1_hat, labels, mu, tau, 1e-3, transform, class_chunk)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = interleaved_best(cases, CPU_REPEATS, clock=time.process_time)
+    torch.set_num_threads(threads)
+    print(f"1b. distance_correction, N=150, B=2, 256x256, float32, single-thread CPU time "
+          f"(this process, best of {CPU_REPEATS} interleaved repeats)")
+    for name, seconds in best.items():
+        print(f"   {name + ':':<45} {seconds * 1e3:7.1f} ms  ratio {seconds / best[baseline_name]:.2f}x")
+
+
 def run_decode_case() -> None:
     g = torch.Generator().manual_seed(0)
     encoding = build_encoding("kronecker", 171)
@@ -95,13 +139,7 @@ def run_decode_case() -> None:
     default_threads = torch.get_num_threads()
     for threads in sorted({1, default_threads}):
         torch.set_num_threads(threads)
-        # interleaved repeats, so a change in the machine's load hits every case alike
-        best = {name: math.inf for name in cases}
-        for _ in range(DECODE_REPEATS):
-            for name, fn in cases.items():
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
+        best = interleaved_best(cases, DECODE_REPEATS)
         baseline = best["argmax over (1, 171, 512, 512) logits"]
         print(f"2. decoding N=171 at 1x512x512, {threads} thread(s) "
               f"(this process, best of {DECODE_REPEATS} interleaved repeats)")
@@ -123,5 +161,6 @@ def run_fixed_point_check() -> None:
 
 if __name__ == "__main__":
     run_correction_cases()
+    run_correction_cpu_case()
     run_decode_case()
     run_fixed_point_check()

@@ -66,9 +66,10 @@ class ObjectiveConfig:
         check_chunk(self.class_chunk)
 
 
-# The correction takes the pixels in blocks of about this many (class, pixel) entries. On a CPU a
-# block that stays in cache makes each pass over its classes several times cheaper than a pass over a
-# whole (B, N, H, W) tensor; accelerators prefer few large launches.
+# The correction takes the pixels in blocks of about this many (class, pixel) entries, on a CPU per
+# thread. A block that stays in cache makes each pass over its classes several times cheaper than a
+# pass over a whole (B, N, H, W) tensor, and every op is one parallel region, so with more threads a
+# block grows rather than the count of regions; accelerators prefer few large launches.
 CORRECTION_BLOCK_ELEMENTS_CPU = 2**20
 CORRECTION_BLOCK_ELEMENTS_ACCELERATOR = 2**26
 
@@ -112,7 +113,8 @@ def distance_correction(
     chunks = ClassChunk.split(centroids, class_chunk)
     width = chunks[0].classes.stop - chunks[0].classes.start
     on_cpu = x.device.type == "cpu"
-    block = (CORRECTION_BLOCK_ELEMENTS_CPU if on_cpu else CORRECTION_BLOCK_ELEMENTS_ACCELERATOR) // width
+    entries = CORRECTION_BLOCK_ELEMENTS_CPU * torch.get_num_threads() if on_cpu else CORRECTION_BLOCK_ELEMENTS_ACCELERATOR
+    block = entries // width
     block = min(max(1, block), x.shape[1])
     # two flat buffers that every block and chunk reuses: fresh ones of this size would each cost page faults
     workspace = (x.new_empty(width * block), x.new_empty(width * block))
