@@ -102,6 +102,7 @@ class TrainConfig:
     grad_accum: int = 1              # micro-batches per rank per step
     seed: int = 0
     device: str = "auto"             # "auto" (CUDA when available), "cpu", "cuda"
+    threads: Optional[int] = None    # torch CPU threads (None = torch's default, one per core)
     precision: str = "auto"          # "auto" = bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16" (CUDA only)
     log_every: int = 20
     val_every: int = 500             # steps between validations; 0 = only at the end
@@ -118,6 +119,7 @@ class TrainConfig:
             _check_positive("train", name, getattr(self, name), allow_zero=True)
         _check_positive("train", "minutes", self.minutes)
         _check_positive("train", "val_samples", self.val_samples)
+        _check_positive("train", "threads", self.threads)
         _check_choice("train", "device", self.device, DEVICES)
         _check_choice("train", "precision", self.precision, PRECISIONS)
 

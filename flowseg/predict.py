@@ -151,6 +151,8 @@ def load_segmenter(checkpoint: str | Path, overrides: Sequence[str] = ()) -> tup
     origin = f"config of checkpoint {info.path}"
     saved = config_from_yaml(info.config_yaml, origin=origin)
     config = config_from_yaml(info.config_yaml, overrides, origin=origin)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
     model, encoding = build_network(config, info.num_classes)
     weights = load_weights(info.path, "ema" if config.eval.use_ema else "model")
     fit_state_dict(model, weights, f"checkpoint {info.path} (model.kind={saved.model.kind}, "

@@ -220,6 +220,8 @@ class Trainer:
                  datasets: tuple[SegmentationDataset, SegmentationDataset] | None):
         self.config, self.context = config, context
         self.device = context.device
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
         self.run_dir = ensure_writable_dir(config.train.out_dir)
         existing = latest_checkpoint(self.run_dir)
         if existing is not None and not resume:
@@ -371,11 +373,11 @@ class Trainer:
         budget = config.minutes * 60 if config.minutes else math.inf
         started = time.monotonic() - self.elapsed_before
         batches = self._batches()
-        bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True) \
-            if self.context.is_main and config.progress else None
         log.info("training %s (%d classes) on %s x %d rank(s) from step %d to %d%s; run folder %s",
                  self.config.model.size, self.num_classes, self.device.type, self.context.world_size, self.step,
-                 config.steps, f" or {config.minutes} min" if config.minutes else "", self.run_dir)
+                 config.steps, f" or {config.minutes:g} min" if config.minutes else "", self.run_dir)
+        bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True) \
+            if self.context.is_main and config.progress else None
         validation, validated_at, saved_at = None, -1, -1
         with bar or nullcontext(), logging_redirect_tqdm([log]) if bar else nullcontext():
             while True:
