@@ -112,16 +112,19 @@ def distance_correction(
     to_true = x - centroids[true].T  # (d, P) x1_hat - mu_true
     chunks = ClassChunk.split(centroids, class_chunk)
     width = chunks[0].classes.stop - chunks[0].classes.start
-    on_cpu = x.device.type == "cpu"
-    entries = CORRECTION_BLOCK_ELEMENTS_CPU * torch.get_num_threads() if on_cpu else CORRECTION_BLOCK_ELEMENTS_ACCELERATOR
-    block = entries // width
-    block = min(max(1, block), x.shape[1])
+    if x.device.type == "cpu":
+        entries = CORRECTION_BLOCK_ELEMENTS_CPU * torch.get_num_threads()
+    else:
+        entries = CORRECTION_BLOCK_ELEMENTS_ACCELERATOR
+    block = min(max(1, entries // width), x.shape[1])  # pixels per block
     # two flat buffers that every block and chunk reuses: fresh ones of this size would each cost page faults
     workspace = (x.new_empty(width * block), x.new_empty(width * block))
     grad = torch.empty_like(x)
     for start in range(0, x.shape[1], block):
         pixels = slice(start, start + block)
-        grad[:, pixels] = _block_correction(x_aug[:, pixels], to_true[:, pixels], true[pixels], chunks, softmax, workspace)
+        grad[:, pixels] = _block_correction(
+            x_aug[:, pixels], to_true[:, pixels], true[pixels], chunks, softmax, workspace
+        )
     grad *= valid.flatten()
     return grad.view(dim, *labels.shape).transpose(0, 1).contiguous()
 
@@ -159,7 +162,9 @@ class RelativeSoftmax:
         return T.score(d, eps).sub_(T.score(d_min, eps)).div_(self.tau).exp_()
 
     def terms(self, d: Tensor, d_min: Tensor, spare: Tensor) -> tuple[Tensor, Tensor, Tensor | float]:
-        """(p_k Z, q_k Z unit, unit) for one chunk of distances d (n, P), q_k = p_k w(d_k), in d's and spare's storage.
+        """(p_k Z, q_k Z unit, unit) for one chunk of distances d (n, P), q_k = p_k w(d_k).
+
+        The (n, P) results reuse the storage of d and spare.
 
         For T = -log(d + eps), with s_k = (d_min + eps) / (d_k + eps) in (0, 1]: p_k Z = s_k^(1/tau) and
         w(d_k) = s_k / (d_min + eps). No log or exp is evaluated, and unit = d_min + eps (per pixel)
