@@ -15,7 +15,8 @@ from flowseg.experiments.diagnostics import (
 )
 from flowseg.experiments.plan import REFERENCE, planned_runs
 from flowseg.experiments.presets import Budget
-from flowseg.experiments.results import judge, mean_sd, steps_to_reach
+from flowseg.data import build_dataset
+from flowseg.experiments.results import constant_prediction_miou, judge, mean_sd, steps_to_reach
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 
 # ---- (b) trajectory traversing ----------------------------------------------------------------
@@ -148,6 +149,16 @@ def test_judge_and_mean_sd():
     assert mean_sd([0.5, 0.7]) == "60.0 ± 14.1"
     assert mean_sd([0.5, None]) == "50.0"
     assert mean_sd([]) == "n/a"
+
+
+def test_constant_prediction_floor_by_hand():
+    # predicting class m everywhere: IoU_m = count_m / all pixels, 0 for every other class present
+    micro = get_preset("micro")
+    data = build_dataset("shapes", "test", image_size=micro.image_size)
+    labels = torch.stack([data[i]["label"] for i in range(micro.eval_samples)]).flatten().tolist()
+    counts = {c: labels.count(c) for c in set(labels)}
+    expected = max(counts.values()) / len(labels) / len(counts)
+    assert constant_prediction_miou("shapes", micro) == pytest.approx(expected)
 
 
 def test_runs_are_shared_between_experiments_with_equal_budgets():

@@ -24,7 +24,7 @@ from flowseg.experiments.plan import (
 )
 from flowseg.experiments.presets import Preset
 from flowseg.experiments.results import (
-    Results, judge, mean_sd, paired_differences, ratio, status_note, steps_to_reach,
+    Results, constant_prediction_miou, judge, mean_sd, paired_differences, ratio, status_note, steps_to_reach,
 )
 
 PAPER_SAMPLING = {1: 43.47, 2: 45.85, 5: 46.82, 10: 47.1, 20: 46.78, 50: 46.13, 100: 45.78}  # ADE20K mIoU
@@ -81,7 +81,7 @@ class Page:
             reshaped = {r["seed"]: r for r in self.r.runs(dataset, REFERENCE, "convergence") if r["status"] == "done"}
             seeds = [s for s in self.p.seeds if s in vanilla and s in reshaped]
             if not seeds:
-                rows.append([dataset] + ["n/a"] * 7)
+                rows.append([dataset] + ["n/a"] * 8)
                 continue
             finals = {name: {s: runs[s]["curve"][-1]["miou"] for s in seeds}
                       for name, runs in (("vanilla", vanilla), ("reshaped", reshaped))}
@@ -98,9 +98,11 @@ class Page:
             gap = paired_differences(finals["reshaped"], finals["vanilla"])
             test_v = {s: vanilla[s]["test"]["miou"] for s in seeds}
             test_r = {s: reshaped[s]["test"]["miou"] for s in seeds}
+            floor = constant_prediction_miou(dataset, self.p, self.r.roots.get(dataset))
             rows.append([dataset, mean_sd(list(finals["vanilla"].values())), mean_sd(list(finals["reshaped"].values())),
                          mean_sd(gap), mean_sd([reach[s] for s in seeds if reach[s]], 1.0, 0) if speedups else "never",
-                         speed_text, mean_sd(list(test_v.values())), mean_sd(list(test_r.values()))])
+                         speed_text, mean_sd(list(test_v.values())), mean_sd(list(test_r.values())),
+                         f"{100 * floor:.1f}"])
             steps = [point["step"] for point in vanilla[seeds[0]]["curve"]]
             curves[dataset] = {name: (steps, [[p["miou"] for p in runs[s]["curve"]] for s in seeds])
                                for name, runs in (("vanilla", vanilla), ("reshaped", reshaped))}
@@ -121,10 +123,11 @@ class Page:
             f"({self.p.eval_steps} Euler steps, EMA weights). *Steps to reach* is the first step at which the "
             "reshaped run's validation curve reaches the vanilla run's final validation mIoU (linear between "
             "validations); the speed-up is vanilla's step count over it. Test mIoU: "
-            f"the first {self.p.eval_samples} test images.",
+            f"the first {self.p.eval_samples} test images; *constant prediction* is the mIoU of predicting the "
+            "most frequent class everywhere on them, the floor a model has to clear.",
             markdown_table(["dataset", "vanilla final val mIoU", "reshaped final val mIoU", "gap (points)",
-                            "steps to reach vanilla's final", "speed-up", "vanilla test mIoU", "reshaped test mIoU"],
-                           rows),
+                            "steps to reach vanilla's final", "speed-up", "vanilla test mIoU", "reshaped test mIoU",
+                            "constant prediction test mIoU"], rows),
             self.link("convergence.png", "validation mIoU against training steps"),
         ])
 
@@ -150,7 +153,8 @@ class Page:
                  f"(%) on the first {self.p.eval_samples} test images, {self.p.eval_steps} Euler steps. Each group "
                  "changes one setting of the reference run (reshaped objective, T = -log, tau = 1, eps = 1e-3, "
                  "lambda = 1 static, v-prediction, image conditioning on). The paper's numbers are ADE20K "
-                 "mIoU with its short schedule: compare orderings, not values."]
+                 "mIoU with its short schedule: compare orderings, not values. Predicting the most frequent class "
+                 f"everywhere scores {100 * constant_prediction_miou(dataset, self.p):.1f} on these images."]
         bars = []
         for group in ablation_groups(self.p):
             values = {row.label: self.r.test_miou(dataset, row.variant, "ablation") for row in group.rows}
@@ -255,8 +259,9 @@ class Page:
         figures.sampling_figure(euler, heun, PAPER_SAMPLING, self.p.eval_steps, self.figure("sampling_steps.png"))
         best = max(euler, key=lambda s: statistics.mean(euler[s]))
         one_share = ratio(statistics.mean(euler[1]), reference) if 1 in euler else math.nan
+        gain = 100 * (statistics.mean(euler[best]) - reference)
         self.verdicts.append(Verdict(f"{self.p.eval_steps} Euler steps are best", "10 best (47.1)",
-                                     f"best: {best} steps", "agrees" if best == self.p.eval_steps else "disagrees"))
+                                     f"best: {best} steps (+{gain:.1f} points over {self.p.eval_steps})", "agrees" if best == self.p.eval_steps else "disagrees"))
         self.verdicts.append(Verdict("1 Euler step gives ~92% of the 10-step mIoU",
                                      f"{100 * PAPER_ONE_STEP_SHARE:.1f}%", f"{100 * one_share:.1f}%",
                                      "not measured" if math.isnan(one_share) else
@@ -411,11 +416,15 @@ class Page:
         disagreements = [v.claim for v in self.verdicts if v.verdict.startswith(("disagrees", "partly"))]
         plain = ("Where this run disagrees with the paper: " + "; ".join(disagreements) + "." if disagreements
                  else "No claim is contradicted by this run.")
+        dataset = self.p.ablation_dataset
+        scale = (f"At this budget the reference model scores {mean_sd(list(self.r.test_miou(dataset, REFERENCE, 'ablation').values()))} "
+                 f"test mIoU on {dataset}, against {100 * constant_prediction_miou(dataset, self.p):.1f} for predicting "
+                 "the most frequent class everywhere: read the differences below with that in mind.")
         return "\n\n".join([
             "## Summary: the paper's claims against this run",
             f"Verdicts compare directions and orderings, at a scale far below the paper's (ADE20K, 512 px, ~0.5 B "
             f"parameters). With one seed a verdict is a single observation; with several, 'inconclusive' means "
-            "the mean difference lies within two standard errors of zero. " + plain,
+            "the mean difference lies within two standard errors of zero. " + scale + " " + plain,
             markdown_table(["claim", "paper", "here", "verdict"], rows),
         ])
 
@@ -474,7 +483,8 @@ def write_report(preset: Preset, out: Path, page_path: Path, command: str, ade20
     text = "\n\n".join([
         "# Results: the paper's claims at small scale",
         f"Generated {stamp} by `{command}`. Every number and figure on this page comes from the result files "
-        "that command wrote (one JSON per task); only the columns marked *paper* quote arXiv 2603.19218.",
+        f"(one JSON per task) that the invocations listed under *Time spent* wrote into {out}, or is computed "
+        "from the data by this command; only the columns marked *paper* quote arXiv 2603.19218.",
         page.setup(command), page.summary(), *sections, page.time_spent(), REPRODUCE,
     ]) + "\n"
     write_atomically(page_path, text)

@@ -12,9 +12,15 @@ import statistics
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import torch
+
+from flowseg.config import load_config
+from flowseg.data import build_dataset
+from flowseg.evaluate import EVAL_DATA_SEED
 from flowseg.experiments.plan import RunSpec, variants
 from flowseg.experiments.presets import Preset
 from flowseg.experiments.runner import COST_KEY, SESSIONS_FILE, read_result
+from flowseg.metrics import ConfusionMatrix
 
 # ---- numbers ----------------------------------------------------------------------------------
 
@@ -73,6 +79,19 @@ def paired_differences(a: dict[int, float | None], b: dict[int, float | None]) -
 def status_note(runs: Sequence[dict]) -> str:
     diverged = [f"seed {r['seed']} diverged at step {r['diverged_at']}" for r in runs if r["status"] == "diverged"]
     return "; ".join(diverged)
+
+
+def constant_prediction_miou(dataset: str, preset: Preset, root: str | None = None) -> float:
+    """mIoU of predicting the most frequent class everywhere, on the images the final test mIoU uses:
+    the floor a trained model has to clear."""
+    split = load_config(dataset).eval.split
+    data = build_dataset(dataset, split, root=root, image_size=preset.image_size, seed=EVAL_DATA_SEED)
+    labels = torch.stack([data[i]["label"] for i in range(min(preset.eval_samples, len(data)))])
+    valid = labels[labels != data.ignore_index]
+    majority = int(torch.bincount(valid, minlength=data.num_classes).argmax())
+    matrix = ConfusionMatrix(data.num_classes)
+    matrix.update(torch.full_like(labels, majority), labels)
+    return matrix.compute().miou
 
 
 # ---- reading the results ------------------------------------------------------------------------
