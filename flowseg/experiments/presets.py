@@ -87,8 +87,8 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="full", minutes_target=100.0, seeds=(0, 1, 2), model_size="T/8", image_size=32, workers=2,
-            convergence=Budget(steps=1000, batch_size=16, val_every=100, warmup_steps=50),
-            ablation=Budget(steps=500, batch_size=16, val_every=100, warmup_steps=40),
+            convergence=Budget(steps=1500, batch_size=16, val_every=150, warmup_steps=75),
+            ablation=Budget(steps=750, batch_size=16, val_every=150, warmup_steps=50),
             val_samples=64, eval_samples=128, sweep_samples=64, diag_samples=32, diag_draws=4,
             cost_rounds=5, cost_steps=5,
         ),
