@@ -231,7 +231,8 @@ class Page:
             "## 3. Category encodings",
             f"{dataset} ({num_classes} classes), the reference run with only the encoding changed, same budget. "
             "For d != 3, x_0 is the image under flowseg.flow's fixed channel map. Minimum spacing is "
-            "min_{j != k} ||mu_j - mu_k|| (centroids in [-1, 1]^d).",
+            "min_{j != k} ||mu_j - mu_k|| (centroids in [-1, 1]^d; the random code's as drawn with seed 0, each "
+            "run draws its own from its training seed).",
             markdown_table(["encoding", "d", "min spacing", "test mIoU (%)", "note"], trained),
             "Minimum centroid spacing by class count (the benchmarks' N: Cityscapes 19, ADE20K 150, COCO-Stuff 171):",
             markdown_table(["encoding", *(f"N = {n}" for n in self.p.spacing_class_counts)], spacing),
