@@ -378,7 +378,9 @@ class Trainer:
                  config.steps, f" or {config.minutes:g} min" if config.minutes else "", self.run_dir)
         bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True) \
             if self.context.is_main and config.progress else None
-        validation, validated_at, saved_at = None, -1, -1
+        # a resumed run already holds the checkpoint of the step it starts at (a finished run: its final one)
+        saved_at = self.step if self.last_checkpoint is not None else -1
+        validation, validated_at = None, -1
         with bar or nullcontext(), logging_redirect_tqdm([log]) if bar else nullcontext():
             while True:
                 # rank 0's clock decides, so a time budget stops every rank at the same step

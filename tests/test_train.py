@@ -173,6 +173,13 @@ def test_a_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
                                    rtol=0, atol=1e-8)
 
 
+def test_resuming_a_finished_run_returns_its_final_checkpoint(tmp_path):
+    first = train(tiny_config(tmp_path, "train.steps=2"), datasets=tiny_datasets())
+    again = train(tiny_config(tmp_path, "train.steps=2"), resume=True, datasets=tiny_datasets())
+    assert again.step == 2 and again.checkpoint == first.checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
 def test_an_existing_run_needs_resume(tmp_path):
     train(tiny_config(tmp_path, "train.steps=2"), datasets=tiny_datasets())
     with pytest.raises(ValueError, match="already holds checkpoints .*pass --resume"):
