@@ -14,7 +14,6 @@ from flowseg.distributed import DistContext
 from flowseg.encoding import IGNORE_INDEX, build_encoding
 from flowseg.evaluate import evaluate_checkpoint, evaluate_dataset, format_table, load_split
 from flowseg.predict import Segmenter
-from flowseg.train import train
 
 NUM_CLASSES = 4
 
@@ -163,13 +162,8 @@ def test_empty_split_is_a_clear_error(monkeypatch):
 # ---- on a real (briefly trained) checkpoint ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    run = tmp_path_factory.mktemp("eval_run")
-    config = load_config("shapes", ["data.image_size=16", "data.options.length=8", "train.batch_size=4",
-                                    "train.steps=2", "train.val_every=0", "train.val_samples=2",
-                                    "train.progress=false", "train.device=cpu", f"train.out_dir={run}",
-                                    "eval.steps=1"])
-    return train(config).checkpoint
+def checkpoint(tmp_path_factory, train_tiny_checkpoint):
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("eval_run"), "shapes", "eval.steps=1")
 
 
 def test_evaluate_checkpoint_writes_json_and_table(checkpoint, tmp_path):

@@ -9,9 +9,7 @@ import torch
 from PIL import Image
 
 import imgviz
-from flowseg.config import load_config
 from flowseg.predict import expand_inputs, load_segmenter, output_stems, predict_files
-from flowseg.train import train
 from flowseg.visualize import (
     IGNORE_COLOUR, colorize, confidence_image, overlay, plot_training_curves, save_label_png,
 )
@@ -21,13 +19,8 @@ PALETTE = np.array([[0, 0, 0], [200, 0, 0], [0, 100, 0]], dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    run = tmp_path_factory.mktemp("predict_run")
-    config = load_config("mnist-seg", ["data.image_size=16", "data.options.length=8", "train.batch_size=4",
-                                       "train.steps=2", "train.val_every=0", "train.val_samples=2",
-                                       "train.progress=false", "train.device=cpu", f"train.out_dir={run}",
-                                       "eval.steps=2"])
-    return train(config).checkpoint
+def checkpoint(tmp_path_factory, train_tiny_checkpoint):
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("predict_run"), "mnist-seg", "eval.steps=2")
 
 
 def _write_image(path, size, seed=0):
