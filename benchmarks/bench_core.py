@@ -30,6 +30,7 @@ from functools import partial
 import torch
 
 from flowseg.encoding import build_encoding
+from flowseg.memory import process_status_kib
 from flowseg.objective import distance_correction
 
 CORRECTION_CASES = (None, 50, 16)  # class_chunk
@@ -62,14 +63,6 @@ def best_time(fn, repeats: int = REPEATS) -> float:
     return min(times)
 
 
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def correction_case(class_chunk: int | None) -> dict:
     """Run in a fresh subprocess: peak memory of one call, then the best of REPEATS timed calls."""
     g = torch.Generator().manual_seed(0)
@@ -81,9 +74,9 @@ def correction_case(class_chunk: int | None) -> dict:
         return distance_correction(x, y, encoding.centroids, 1.0, 1e-3, "neg_log", class_chunk)
 
     call(x1_hat[:1, :, :4, :4], labels[:1, :4, :4])  # pages in the kernels' code, which would count as memory
-    before = status_kib("VmRSS")
+    before = process_status_kib("VmRSS")
     call()
-    peak_extra = status_kib("VmHWM") - before
+    peak_extra = process_status_kib("VmHWM") - before
     return {"class_chunk": class_chunk, "peak_extra_mib": peak_extra / 1024, "seconds": best_time(call)}
 
 

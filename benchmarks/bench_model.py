@@ -33,20 +33,13 @@ from contextlib import contextmanager
 import torch
 
 from flowseg.encoding import build_encoding
+from flowseg.memory import process_status_kib
 from flowseg.models import DiscriminativeFieldTransformer, PixelFieldTransformer
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 from flowseg.sampling import segment
 
 NUM_CLASSES = 150
 RESOLUTIONS = ((64, 16), (256, 2))  # (side, batch)
-
-
-def status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_extra_mib(size: str, side: int, batch: int, case: str) -> float:
@@ -147,9 +140,9 @@ def main() -> None:
     if args.memory_case:
         size, side, batch, case = args.memory_case
         call = workload(size, int(side), int(batch))[1][case]
-        before = status_mib("VmRSS")
+        before = process_status_kib("VmRSS") / 1024
         call()
-        print(status_mib("VmHWM") - before)
+        print(process_status_kib("VmHWM") / 1024 - before)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {NUM_CLASSES} classes, float32 CPU")
     # other processes' load changes wall-clock throughput a lot: print it beside the figures

@@ -27,6 +27,7 @@ import torch
 from flowseg.data import build_dataset
 from flowseg.encoding import build_encoding
 from flowseg.experiments.presets import Preset
+from flowseg.memory import process_status_kib
 from flowseg.models import build_model
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig, discriminative_loss
 from flowseg.sampling import segment
@@ -93,14 +94,6 @@ def time_cases(cases: dict[str, Callable[[], None]], rounds: int, calls: int, de
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
 def _reset_cpu_peak() -> int:
     """Hand freed heap pages back to the OS, reset the peak resident set to the current one (Linux
     clear_refs 5) and return it in KiB: new allocations now show up as growth of the peak."""
@@ -108,7 +101,7 @@ def _reset_cpu_peak() -> int:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
-    return _status_kib("VmRSS")
+    return process_status_kib("VmRSS")
 
 
 def peak_memory(name: str, preset: Preset, image: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -126,7 +119,7 @@ def peak_memory(name: str, preset: Preset, image: torch.Tensor, labels: torch.Te
     except OSError:
         return math.nan
     make_case(name, preset, image, labels, num_classes)[0]()
-    return (_status_kib("VmHWM") - before) / 1024
+    return (process_status_kib("VmHWM") - before) / 1024
 
 
 def machine() -> dict:
