@@ -26,6 +26,11 @@ def check_split(split: str, valid_splits) -> None:
         raise ValueError(f"unknown split {split!r}; valid splits: {list(valid_splits)}")
 
 
+def check_count(what: str, value: int, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} int, got {value!r}")
+
+
 def check_seed(seed: int) -> None:
     # seeds feed numpy SeedSequence, which takes non-negative ints only
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:

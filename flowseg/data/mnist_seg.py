@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowseg.data.base import IGNORE_INDEX, JointTransform, SegmentationDataset, check_seed, check_split
+from flowseg.data.base import IGNORE_INDEX, JointTransform, SegmentationDataset, check_count, check_seed, check_split
 from flowseg.data.transforms import as_size
 
 MNIST_CLASSES = ["background"] + [str(digit) for digit in range(10)]
@@ -90,19 +90,15 @@ class MnistSegDataset(SegmentationDataset):
         check_seed(split_seed)
         super().__init__(MNIST_CLASSES, transform=transform)
         self.length = DEFAULT_LENGTHS[split] if length is None else length
-        if not isinstance(self.length, int) or self.length < 1:
-            raise ValueError(f"mnist-seg length must be a positive int, got {length!r}")
-        if not isinstance(max_digits, int) or max_digits < 1:
-            raise ValueError(f"mnist-seg max_digits must be a positive int, got {max_digits!r}")
+        check_count("mnist-seg length", self.length)
+        check_count("mnist-seg max_digits", max_digits)
         low, high = digit_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"mnist-seg digit_scale must satisfy 0 < low <= high <= 1, got {digit_scale!r}")
         if not 0 < threshold < 1:
             raise ValueError(f"mnist-seg threshold must lie in (0, 1), got {threshold!r}")
-        if not isinstance(placement_tries, int) or placement_tries < 1:
-            raise ValueError(f"mnist-seg placement_tries must be a positive int, got {placement_tries!r}")
-        if not isinstance(boundary_ignore, int) or boundary_ignore < 0:
-            raise ValueError(f"mnist-seg boundary_ignore must be a non-negative int, got {boundary_ignore!r}")
+        check_count("mnist-seg placement_tries", placement_tries)
+        check_count("mnist-seg boundary_ignore", boundary_ignore, allow_zero=True)
         self.split, self.size, self.seed = split, as_size(image_size), seed
         self.max_digits, self.digit_scale, self.threshold = max_digits, (low, high), threshold
         self.placement_tries, self.boundary_ignore = placement_tries, boundary_ignore

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowseg.data.base import JointTransform, SegmentationDataset, check_seed, check_split
+from flowseg.data.base import JointTransform, SegmentationDataset, check_count, check_seed, check_split
 from flowseg.data.transforms import as_size
 
 SHAPE_CLASSES = ["background", "disc", "square", "triangle", "ring", "striped square", "dotted disc"]
@@ -90,10 +90,8 @@ class ShapesDataset(SegmentationDataset):
         check_seed(seed)
         super().__init__(SHAPE_CLASSES, transform=transform)
         self.length = DEFAULT_LENGTHS[split] if length is None else length
-        if not isinstance(self.length, int) or self.length < 1:
-            raise ValueError(f"shapes length must be a positive int, got {length!r}")
-        if not isinstance(max_objects, int) or max_objects < 1:
-            raise ValueError(f"shapes max_objects must be a positive int, got {max_objects!r}")
+        check_count("shapes length", self.length)
+        check_count("shapes max_objects", max_objects)
         self.split, self.size, self.seed, self.max_objects = split, as_size(image_size), seed, max_objects
 
     def __len__(self) -> int:
