@@ -40,13 +40,13 @@ class LossOutput:
 class ObjectiveConfig:
     kind: str = "reshaped"               # "vanilla" | "reshaped"
     transform: str = "neg_log"           # T(d): "neg_log" | "inverse" | "sqrt" | "identity"
-    tau: float = 1.0
+    tau: float = 0.5                     # measured on mnist-seg: 2x the mIoU of tau = 1 (docs/core.md)
     eps: float = 1e-3
     lam: float = 1.0
     lam_schedule: str = "constant"       # "annealed": lambda * (1 - progress), linear to 0 at the end
     parameterization: str = "v"          # "v" | "x"
     t_sampling: str = "uniform"          # "uniform" | "logit_normal"
-    t_zero_fraction: float = 0.0         # share of draws put at t = 0, where x_t = I (see flow.sample_t)
+    t_zero_fraction: float = 0.9         # share of draws put at t = 0, where x_t = I (see flow.sample_t)
     mask_ignore: bool = True
     class_chunk: int | None = None
 

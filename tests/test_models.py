@@ -161,7 +161,7 @@ def test_patchify_layout_and_round_trip():
 # the networks
 
 
-@pytest.mark.parametrize("size", ["T/8", "S/8"])
+@pytest.mark.parametrize("size", ["T/4", "T/8", "S/8"])
 def test_forward_backward_reaches_every_parameter(size):
     torch.manual_seed(0)
     model = PixelFieldTransformer(size, dim=3)

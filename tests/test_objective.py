@@ -275,7 +275,8 @@ def test_reshaped_loss_against_autograd_target(parameterization, transform):
     image, labels = make_batch()
     head = torch.nn.Conv2d(3, 3, 1).double()
     model = lambda x_t, t, img: head(x_t.double())  # noqa: E731
-    cfg = ObjectiveConfig(tau=0.7, lam=0.4, transform=transform, parameterization=parameterization)
+    cfg = ObjectiveConfig(tau=0.7, lam=0.4, transform=transform, parameterization=parameterization,
+                          t_zero_fraction=0.0)
     objective = FlowMatchingObjective(enc, cfg)
     image = image.double()
     out = objective(model, image, labels, generator=torch.Generator().manual_seed(4))

@@ -51,6 +51,7 @@ SIZES: dict[str, ModelSize] = {
     size.name: size
     for size in (
         ModelSize("T/8", width=128, heads=4, depth=4, field_depth=2, patch_size=8, field_width=32),
+        ModelSize("T/4", width=128, heads=4, depth=4, field_depth=2, patch_size=4, field_width=16),
         ModelSize("S/8", width=256, heads=4, depth=8, field_depth=2, patch_size=8, field_width=32),
         ModelSize("B/16", width=768, heads=12, depth=12, field_depth=2, patch_size=16),
         # PixNerd's shapes (configs pix256std1_repa_pixnerd_{large,xl}): hidden 64, nerf_mlpratio 2
