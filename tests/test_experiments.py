@@ -2,6 +2,7 @@
 micro preset end to end (page, figures, skip-on-resume). The numbers of a preset are not tested."""
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -13,9 +14,11 @@ from flowseg.experiments import get_preset, run_experiments
 from flowseg.experiments.diagnostics import (
     field_picture, measure_signal, sampled_traversal, signal_profile, straight_traversal, traversal_stats,
 )
-from flowseg.experiments.plan import REFERENCE, planned_runs
+from flowseg.experiments import plan
+from flowseg.experiments.plan import REFERENCE, ablation_groups, planned_runs, variants
 from flowseg.experiments.presets import Budget
 from flowseg.data import build_dataset
+from flowseg.experiments.report import t_draws
 from flowseg.experiments.results import constant_prediction_miou, judge, mean_sd, steps_to_reach
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 
@@ -129,6 +132,60 @@ def test_field_picture_vanishes_at_the_true_centroid_and_pushes_away_from_the_ot
     assert picture.reshaped[between][1] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_field_picture_uses_the_default_objective():
+    encoding = build_encoding("kronecker", 6, dim=2)
+    default = field_picture(encoding, true_class=0, points=9)
+    assert default.objective == ObjectiveConfig()
+    assert (default.reshaped == field_picture(encoding, 0, objective=ObjectiveConfig(), points=9).reshaped).all()
+    other_tau = 2 * ObjectiveConfig().tau
+    assert not (default.reshaped == field_picture(encoding, 0, objective=ObjectiveConfig(tau=other_tau),
+                                                  points=9).reshaped).all()
+
+
+# ---- the plan follows the library's defaults -----------------------------------------------------
+
+
+def group(preset, title):
+    return next(g for g in ablation_groups(preset) if g.title == title)
+
+
+def test_ablations_vary_one_setting_of_the_default_objective():
+    micro = get_preset("micro")
+    table = variants(micro)
+    default = ObjectiveConfig()
+    assert table[REFERENCE].overrides == ()
+    taus = group(micro, "temperature tau").rows
+    assert [row.variant for row in taus if row.label.startswith(f"tau = {default.tau:g} ")] == [REFERENCE]
+    method = next(row for row in taus if row.label == "tau = 1 (method.md)")
+    assert table[method.variant].overrides == ("objective.tau=1.0",)
+    shares = group(micro, "share of t = 0 draws").rows
+    assert [row.variant for row in shares] == ["t_zero_fraction=0", REFERENCE]
+    assert table["t_zero_fraction=0"].overrides == ("objective.t_zero_fraction=0.0",)
+    assert shares[1].label == f"share = {default.t_zero_fraction:g} (default)"
+    for title, field in (("distance transform T(d)", "transform"), ("correction schedule", "lam_schedule"),
+                         ("parameterisation", "parameterization")):
+        reference = [row for row in group(micro, title).rows if row.variant == REFERENCE]
+        others = [table[row.variant].overrides for row in group(micro, title).rows if row.variant != REFERENCE]
+        assert len(reference) == 1 and all(len(o) == 1 and o[0].startswith(f"objective.{field}=") for o in others)
+        assert f"objective.{field}={getattr(default, field)}" not in [o[0] for o in others]
+
+
+def test_a_changed_default_moves_the_reference_row(monkeypatch):
+    monkeypatch.setattr(plan, "ObjectiveConfig", functools.partial(ObjectiveConfig, tau=1.0, transform="sqrt"))
+    micro = dataclasses.replace(get_preset("micro"), taus=(0.5,))
+    rows = {row.label: row.variant for row in group(micro, "temperature tau").rows}
+    assert rows == {"tau = 0.5": "tau=0.5", "tau = 1 (method.md, default)": REFERENCE}
+    transforms = {row.label: row.variant for row in group(micro, "distance transform T(d)").rows}
+    assert transforms["sqrt(d)"] == REFERENCE and transforms["-log(d + eps)"] == "transform=neg_log"
+    assert "objective.tau=1.0" not in {o for v in variants(micro).values() for o in v.overrides}
+
+
+def test_t_draws_describes_the_share_at_zero():
+    assert t_draws(ObjectiveConfig(t_zero_fraction=0.0)) == "t ~ U[0, 1]"
+    assert t_draws(ObjectiveConfig(t_zero_fraction=0.9)) == "t = 0 in 90% of the draws, otherwise t ~ U[0, 1]"
+    assert t_draws(ObjectiveConfig(t_sampling="logit_normal", t_zero_fraction=0.0)).startswith("t = sigmoid(n)")
+
+
 # ---- the page's arithmetic ---------------------------------------------------------------------
 
 
@@ -222,6 +279,12 @@ def test_micro_preset_writes_the_page_and_every_figure(micro_run):
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{name})" in text
     assert "torch " + torch.__version__ in text and "seeds: 0" in text
+    default = ObjectiveConfig()
+    micro = get_preset("micro")
+    rows = [*group(micro, "temperature tau").rows, *group(micro, "share of t = 0 draws").rows]
+    for shown in ("**share of t = 0 draws**", f"tau = {default.tau:g}, eps = {default.eps:g}", t_draws(default),
+                  *(f"| {row.label} |" for row in rows)):
+        assert shown in text
     cost = json.loads((root / "out" / "results" / "cost.json").read_text())
     assert set(cost["cases"]) >= {"train/vanilla", "train/reshaped", "train/discriminative", "infer/discriminative"}
     train = [json.loads(p.read_text()) for p in (root / "out" / "results" / "train").rglob("*.json")]
@@ -237,7 +300,7 @@ def test_micro_preset_skips_finished_tasks_and_redoes_a_missing_one(micro_run):
     run_experiments("micro", out, page, progress=False, keep_checkpoints=False)
     assert result_files(out) == before  # nothing recomputed
     assert (out / "sessions.jsonl").read_text().splitlines() == sessions  # and no session recorded
-    missing = next(p for p in before if "/train/mnist-seg/T=sqrt/" in str(p))
+    missing = next(p for p in before if "/train/mnist-seg/transform=sqrt/" in str(p))
     missing.unlink()
     run_experiments("micro", out, page, progress=False, keep_checkpoints=False, workers=2)  # in a worker process
     after = result_files(out)

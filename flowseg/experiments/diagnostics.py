@@ -26,7 +26,7 @@ from torch import Tensor
 
 from flowseg.encoding import IGNORE_INDEX, CategoryEncoding
 from flowseg.flow import image_to_x0
-from flowseg.objective import FlowMatchingObjective, distance_correction
+from flowseg.objective import FlowMatchingObjective, ObjectiveConfig, distance_correction
 from flowseg.sampling import VelocityFn, integrate
 
 NEAR_FRACTION = 0.25  # "near its centroid": closer than this fraction of the encoding's minimum spacing
@@ -143,13 +143,15 @@ class FieldPicture:
     vanilla: np.ndarray         # (2, G, G) velocity error field, [component, y, x]
     reshaped: np.ndarray        # (2, G, G)
     t: float
+    objective: ObjectiveConfig  # the correction's transform, tau, eps and lambda
 
 
-def field_picture(encoding: CategoryEncoding, true_class: int, t: float = 0.5, lam: float = 1.0,
-                  tau: float = 1.0, eps: float = 1e-3, transform: str = "neg_log", extent: float = 1.3,
-                  points: int = 81) -> FieldPicture:
+def field_picture(encoding: CategoryEncoding, true_class: int, t: float = 0.5, objective: ObjectiveConfig | None = None,
+                  extent: float = 1.3, points: int = 81) -> FieldPicture:
     """The vanilla and reshaped velocity-error fields over a grid of clean estimates x in [-extent,
-    extent]^2 (module docstring), for a 2-d encoding and one true class."""
+    extent]^2 (module docstring), for a 2-d encoding and one true class; the correction uses the
+    objective's transform, tau, eps and (static) lambda, by default ObjectiveConfig()'s."""
+    objective = objective or ObjectiveConfig()
     if encoding.dim != 2:
         raise ValueError(f"the field picture needs a 2-d encoding, got dim={encoding.dim}")
     if not 0 <= true_class < encoding.num_classes:
@@ -162,5 +164,6 @@ def field_picture(encoding: CategoryEncoding, true_class: int, t: float = 0.5, l
     mu = encoding.centroids.double()
     labels = torch.full((1, points, points), true_class, dtype=torch.int64)
     vanilla = (mu[true_class].view(1, 2, 1, 1) - x) / (1 - t)
-    grad = distance_correction(x, labels, mu, tau, eps, transform)
-    return FieldPicture(grid.numpy(), mu.numpy(), true_class, vanilla[0].numpy(), (vanilla - lam * grad)[0].numpy(), t)
+    grad = distance_correction(x, labels, mu, objective.tau, objective.eps, objective.transform)
+    return FieldPicture(grid.numpy(), mu.numpy(), true_class, vanilla[0].numpy(),
+                        (vanilla - objective.lam * grad)[0].numpy(), t, objective)

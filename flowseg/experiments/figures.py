@@ -129,12 +129,14 @@ def traversal_figure(third: Mapping[str, list[list[float]]], wrong: Mapping[str,
     _save(figure, path)
 
 
-def field_figure(picture: FieldPicture, lam: float, path: Path) -> None:
+def field_figure(picture: FieldPicture, path: Path) -> None:
     """The paper's Figure 1 in our notation: velocity-error fields around the centroids of a 2-d code."""
     figure, axes = _new_figure(2, width=4.8, height=4.6)
     magnitudes = [np.hypot(*field) for field in (picture.vanilla, picture.reshaped)]
     norm = LogNorm(vmin=max(min(m.min() for m in magnitudes), 1e-2), vmax=max(m.max() for m in magnitudes))
-    titles = ("vanilla: (mu_k - x) / (1 - t)", f"reshaped: vanilla - {lam:g} dPhi/dx")
+    objective = picture.objective
+    titles = ("vanilla: (mu_k - x) / (1 - t)",
+              f"reshaped: vanilla - {objective.lam:g} dPhi/dx, tau = {objective.tau:g}")
     for ax, field, magnitude, title in zip(axes, (picture.vanilla, picture.reshaped), magnitudes, titles):
         stream = ax.streamplot(picture.grid, picture.grid, field[0], field[1], color=magnitude, norm=norm,
                                cmap="viridis", density=1.1, linewidth=0.8, arrowsize=0.8)

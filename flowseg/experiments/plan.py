@@ -1,12 +1,14 @@
 """The plan: which training runs each experiment needs, as config overrides of one base run.
 
 Every run is the base configuration (the dataset's shipped config, the preset's model, image size
-and budget, the reshaped objective with method.md's defaults) plus the overrides of one variant.
-Experiments share runs: the ablations' "-log(d + eps)" row, the encodings' "kronecker" row and the
-flow side of generative-vs-discriminative are all the variant "reshaped" at the ablation budget, and
-when the ablation budget equals the convergence budget that is also the convergence run. A run's key
-hashes its complete override list, so two experiments asking for the same configuration get the same
-run, and changing a budget gives a new run rather than reusing a stale one.
+and budget, and the objective with the library's defaults, flowseg.objective.ObjectiveConfig())
+plus the overrides of one variant. An objective ablation compares values of one ObjectiveConfig field;
+the row whose value is the default is the reference run itself, so when a default changes the plan
+follows it. Experiments share runs: the ablations' default rows, the encodings' "kronecker" row and
+the flow side of generative-vs-discriminative are all the variant "reshaped" at the ablation budget,
+and when the ablation budget equals the convergence budget that is also the convergence run. A run's
+key hashes its complete override list, so two experiments asking for the same configuration get the
+same run, and changing a budget gives a new run rather than reusing a stale one.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ import hashlib
 from dataclasses import dataclass
 
 from flowseg.experiments.presets import Budget, Preset
+from flowseg.objective import ObjectiveConfig
 
-REFERENCE = "reshaped"  # method.md's defaults: T = -log(d + eps), tau = 1, eps = 1e-3, lambda = 1, static, v
+REFERENCE = "reshaped"  # the reshaped objective with every ObjectiveConfig default, image conditioning on
 VANILLA = "vanilla"
 DISCRIMINATIVE = "discriminative"
 ENCODING_ROWS = ("kronecker", "rd", "lattice", "random", "bits", "onehot")
+METHOD_TAU = 1.0        # method.md's [decided] tau: always a row of the temperature sweep
+PAPER_T_ZERO_FRACTION = 0.0  # the paper draws t ~ U[0, 1]: no extra draws at t = 0
+TRANSFORM_LABELS = {"neg_log": "-log(d + eps)", "inverse": "1 / (d + eps)", "sqrt": "sqrt(d)", "identity": "d"}
+SCHEDULE_LABELS = {"constant": "static (constant lambda)", "annealed": "annealed (lambda -> 0)"}
+PARAMETERIZATION_LABELS = {"v": "v-prediction", "x": "x-prediction"}
 
 
 @dataclass(frozen=True)
@@ -76,21 +84,38 @@ class AblationGroup:
                                  # "pair": the paper found the first row better than the second; "": no claim
 
 
+def objective_sweeps(preset: Preset) -> dict[str, tuple]:
+    """Per ObjectiveConfig field that an ablation varies, the values its rows compare (the default among
+    them): T(d), schedule and parameterisation in the paper's order, best first; the numeric ones ascending."""
+    default = ObjectiveConfig()
+    return {
+        "transform": tuple(TRANSFORM_LABELS),
+        "lam_schedule": tuple(SCHEDULE_LABELS),
+        "parameterization": tuple(PARAMETERIZATION_LABELS),
+        "tau": tuple(sorted({default.tau, METHOD_TAU, *preset.taus})),
+        "eps": tuple(sorted({default.eps, *preset.epses})),
+        "t_zero_fraction": tuple(sorted({default.t_zero_fraction, PAPER_T_ZERO_FRACTION})),
+    }
+
+
+def objective_variant(field: str, value: object) -> str:
+    """Name of the run that sets ObjectiveConfig.<field> to value: the reference run where that is the default."""
+    if getattr(ObjectiveConfig(), field) == value:
+        return REFERENCE
+    return f"{field}={value:g}" if isinstance(value, float) else f"{field}={value}"
+
+
 def variants(preset: Preset) -> dict[str, Variant]:
     band = f"data.options.boundary_ignore={preset.ignore_band}"
     table = [
         Variant(REFERENCE, ()),
         Variant(VANILLA, ("objective.kind=vanilla",)),
-        Variant("T=inverse", ("objective.transform=inverse",)),
-        Variant("T=sqrt", ("objective.transform=sqrt",)),
-        Variant("T=identity", ("objective.transform=identity",)),
-        Variant("annealed", ("objective.lam_schedule=annealed",)),
-        Variant("x-prediction", ("objective.parameterization=x",)),
+        *(Variant(objective_variant(field, value), (f"objective.{field}={value}",))
+          for field, values in objective_sweeps(preset).items() for value in values
+          if objective_variant(field, value) != REFERENCE),
         Variant("ignore-masked", (band,)),
         Variant("ignore-unmasked", (band, "objective.mask_ignore=false")),
         Variant("no-image-conditioning", ("model.image_conditioning=false",)),
-        *(Variant(f"tau={tau:g}", (f"objective.tau={tau}",)) for tau in preset.taus),
-        *(Variant(f"eps={eps:g}", (f"objective.eps={eps}",)) for eps in preset.epses),
         *(Variant(f"encoding={name}", (f"model.encoding={name}",)) for name in ENCODING_ROWS[1:]),
         Variant(DISCRIMINATIVE, ("model.kind=discriminative",)),  # steps: set for equal time at run time
     ]
@@ -101,18 +126,32 @@ def encoding_variant(name: str) -> str:
     return REFERENCE if name == ENCODING_ROWS[0] else f"encoding={name}"
 
 
+def _sweep_rows(field: str, symbol: str, values: tuple, notes: dict[float, str]) -> tuple[Row, ...]:
+    """'symbol = value' rows of a numeric sweep, the default row marked as such and others annotated by notes."""
+    rows = []
+    for value in values:
+        variant = objective_variant(field, value)
+        tags = [tag for tag in (notes.get(value), "default" if variant == REFERENCE else None) if tag]
+        rows.append(Row(f"{symbol} = {value:g}" + (f" ({', '.join(tags)})" if tags else ""), variant))
+    return tuple(rows)
+
+
 def ablation_groups(preset: Preset) -> list[AblationGroup]:
+    sweeps = objective_sweeps(preset)
+    default = ObjectiveConfig()
+
+    def paper_rows(field: str, labels: dict[str, str], paper: tuple[float, ...]) -> tuple[Row, ...]:
+        return tuple(Row(labels[value], objective_variant(field, value), number)
+                     for value, number in zip(sweeps[field], paper))
+
     return [
-        AblationGroup("distance transform T(d)", (
-            Row("-log(d + eps)", REFERENCE, 29.75), Row("1 / (d + eps)", "T=inverse", 29.12),
-            Row("sqrt(d)", "T=sqrt", 28.32), Row("d", "T=identity", 27.15)),
-            "-log > inverse > sqrt > identity", "order"),
-        AblationGroup("correction schedule", (
-            Row("static (constant lambda)", REFERENCE, 28.15), Row("annealed (lambda -> 0)", "annealed", 24.65)),
-            "static > annealed", "pair"),
-        AblationGroup("parameterisation", (
-            Row("v-prediction", REFERENCE, 29.75), Row("x-prediction", "x-prediction", 29.06)),
-            "v > x", "pair"),
+        AblationGroup("distance transform T(d)",
+                      paper_rows("transform", TRANSFORM_LABELS, (29.75, 29.12, 28.32, 27.15)),
+                      "-log > inverse > sqrt > identity", "order"),
+        AblationGroup("correction schedule", paper_rows("lam_schedule", SCHEDULE_LABELS, (28.15, 24.65)),
+                      "static > annealed", "pair"),
+        AblationGroup("parameterisation", paper_rows("parameterization", PARAMETERIZATION_LABELS, (29.75, 29.06)),
+                      "v > x", "pair"),
         AblationGroup(f"ignore masking ({preset.ablation_dataset} with a {preset.ignore_band}-px ignore band at "
                       "boundaries)", (
             Row("masked", "ignore-masked"), Row("not masked (trained towards 0)", "ignore-unmasked")),
@@ -120,12 +159,15 @@ def ablation_groups(preset: Preset) -> list[AblationGroup]:
         AblationGroup("image conditioning", (
             Row("image as extra input channels", REFERENCE), Row("x_t only", "no-image-conditioning")),
             "not ablated in the paper (a project decision)"),
-        AblationGroup("temperature tau", tuple(
-            Row(f"tau = {tau:g}", REFERENCE if tau == 1.0 else f"tau={tau:g}")
-            for tau in sorted((*preset.taus, 1.0))), "not reported (method.md default tau = 1)"),
-        AblationGroup("eps", tuple(
-            Row(f"eps = {eps:g}", REFERENCE if eps == 1e-3 else f"eps={eps:g}")
-            for eps in sorted((*preset.epses, 1e-3))), "not reported (method.md default eps = 1e-3)"),
+        AblationGroup("temperature tau", _sweep_rows("tau", "tau", sweeps["tau"], {METHOD_TAU: "method.md"}),
+                      f"not reported; method.md's [decided] tau = {METHOD_TAU:g}, flowseg's default {default.tau:g}"),
+        AblationGroup("eps", _sweep_rows("eps", "eps", sweeps["eps"], {}),
+                      f"not reported; flowseg's default eps = {default.eps:g}"),
+        AblationGroup("share of t = 0 draws", _sweep_rows(
+            "t_zero_fraction", "share", sweeps["t_zero_fraction"],
+            {PAPER_T_ZERO_FRACTION: "the paper's t ~ U[0, 1]"}),
+            "not ablated: the paper draws t ~ U[0, 1]; flowseg's default puts "
+            f"{100 * default.t_zero_fraction:g}% of the draws at t = 0 (a project decision)"),
         AblationGroup("objective at the ablation budget", (
             Row("reshaped (the reference run)", REFERENCE), Row("vanilla flow matching", VANILLA)),
             "reshaped > vanilla", "pair"),

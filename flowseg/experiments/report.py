@@ -20,12 +20,14 @@ from flowseg.encoding import ENCODINGS, build_encoding
 from flowseg.experiments import figures
 from flowseg.experiments.diagnostics import field_picture
 from flowseg.experiments.plan import (
-    DISCRIMINATIVE, ENCODING_ROWS, REFERENCE, VANILLA, AblationGroup, ablation_groups, encoding_variant,
+    DISCRIMINATIVE, ENCODING_ROWS, PARAMETERIZATION_LABELS, REFERENCE, SCHEDULE_LABELS, TRANSFORM_LABELS, VANILLA,
+    AblationGroup, ablation_groups, encoding_variant,
 )
 from flowseg.experiments.presets import Preset
 from flowseg.experiments.results import (
     Results, constant_prediction_miou, judge, mean_sd, paired_differences, ratio, status_note, steps_to_reach,
 )
+from flowseg.objective import ObjectiveConfig
 
 PAPER_SAMPLING = {1: 43.47, 2: 45.85, 5: 46.82, 10: 47.1, 20: 46.78, 50: 46.13, 100: 45.78}  # ADE20K mIoU
 PAPER_SPEEDUP = 2.0
@@ -41,6 +43,21 @@ the same command again after an interruption continues where it stopped (a train
 its last checkpoint). `--report-only` rewrites this page from OUT's results; `--ade20k ROOT` adds
 experiment 1 on ADE20K-layout data; `--workers`, `--threads` set the processes and torch threads;
 OUT/experiments.log holds the log of every run. Budgets are in flowseg/experiments/presets.py."""
+
+
+def t_draws(objective: ObjectiveConfig) -> str:
+    """How the objective draws t in training, in words."""
+    base = "t ~ U[0, 1]" if objective.t_sampling == "uniform" else "t = sigmoid(n), n ~ N(0, 1)"
+    if objective.t_zero_fraction == 0:
+        return base
+    return f"t = 0 in {100 * objective.t_zero_fraction:g}% of the draws, otherwise {base}"
+
+
+def objective_settings(objective: ObjectiveConfig) -> str:
+    """The objective's settings that the ablations vary, in words."""
+    return (f"{objective.kind} objective, T(d) = {TRANSFORM_LABELS[objective.transform]}, tau = {objective.tau:g}, "
+            f"eps = {objective.eps:g}, lambda = {objective.lam:g}, {SCHEDULE_LABELS[objective.lam_schedule]}, "
+            f"{PARAMETERIZATION_LABELS[objective.parameterization]}, {t_draws(objective)}")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -151,8 +168,8 @@ class Page:
         parts = ["## 2. Ablations",
                  f"{dataset}, {self.p.ablation.steps} steps of {self.p.ablation.batch_size} images per run; test mIoU "
                  f"(%) on the first {self.p.eval_samples} test images, {self.p.eval_steps} Euler steps. Each group "
-                 "changes one setting of the reference run (reshaped objective, T = -log, tau = 1, eps = 1e-3, "
-                 "lambda = 1 static, v-prediction, image conditioning on). The paper's numbers are ADE20K "
+                 f"changes one setting of the reference run ({objective_settings(ObjectiveConfig())}; flowseg's "
+                 "defaults; image conditioning on). The paper's numbers are ADE20K "
                  "mIoU with its short schedule: compare orderings, not values. Predicting the most frequent class "
                  f"everywhere scores {100 * constant_prediction_miou(dataset, self.p):.1f} on these images."]
         bars = []
@@ -352,7 +369,7 @@ class Page:
         encoding = build_encoding("kronecker", FIELD_CLASSES, dim=2)
         true_class = int(encoding.centroids.norm(dim=1).argmin())
         picture = field_picture(encoding, true_class)
-        figures.field_figure(picture, 1.0, self.figure("vector_field.png"))
+        figures.field_figure(picture, self.figure("vector_field.png"))
         xs, ys = np.meshgrid(picture.grid, picture.grid)  # [y, x] like the fields
         radius = np.hypot(xs - picture.centroids[true_class, 0], ys - picture.centroids[true_class, 1])
         ring = (radius > 0.05) & (radius < 0.15)
@@ -362,7 +379,8 @@ class Page:
             f"From the {dataset} runs of experiment 1, on the first {images} test images.",
             "**(a) Gradient vanishing.** The per-pixel training signal ||v_target - v_theta|| (half the norm of "
             "the loss gradient with respect to the network output) against the clean estimate's distance to its "
-            "true centroid, ||x1_hat - mu_true||, for t ~ U[0, 1], each model with its own objective and its raw "
+            f"true centroid, ||x1_hat - mu_true||, t drawn as in training ({t_draws(ObjectiveConfig())}), each "
+            "model with its own objective and its raw "
             "(not EMA) weights at every checkpoint. 'Near' means closer than a quarter of the minimum centroid "
             "spacing. For vanilla flow matching this signal is exactly ||x1_hat - x_1|| / (1 - t).",
             markdown_table(["objective", "near radius", "share of pixels near (%)", "mean near-centroid signal (end)"],
@@ -377,8 +395,10 @@ class Page:
             self.link("traversal.png", "share of pixels in a third or wrong class along the trajectories"),
             f"**Vector fields** (analytic, in the manner of the paper's Figure 1): a {FIELD_CLASSES}-class 2-d Kronecker "
             "code; at every clean estimate x, the velocity error the loss drives to zero for a pixel of the starred "
-            "class, vanilla (mu_k - x) / (1 - t) and reshaped with the detached correction (tau = 1, eps = 1e-3, "
-            "lambda = 1). The vanilla field fades linearly towards mu_k and ignores the other centroids; the "
+            "class, vanilla (mu_k - x) / (1 - t) and reshaped with the detached correction of the default "
+            f"objective (T(d) = {TRANSFORM_LABELS[picture.objective.transform]}, tau = {picture.objective.tau:g}, "
+            f"eps = {picture.objective.eps:g}, lambda = {picture.objective.lam:g}), at t = {picture.t:g}. The vanilla "
+            "field fades linearly towards mu_k and ignores the other centroids; the "
             "reshaped one repels from the other centroids, and at 0.05 to 0.15 from mu_k it is on average "
             f"{near_gain:.1f}x as strong as the vanilla one.",
             self.link("vector_field.png", "vanilla and reshaped target fields"),
@@ -451,7 +471,7 @@ class Page:
             + ", ".join(f"{w} worker(s) x {t} thread(s)" for w, t in sorted(self.r.process_layouts())),
             f"- Model: {p.model_size} ({params / 1e6:.2f} M parameters), {p.image_size}x{p.image_size} images, "
             f"AdamW lr {p.lr:g} with warm-up and cosine decay, EMA 0.999, no augmentation (generated data is "
-            "endless), t ~ U[0, 1]" if params else f"- Model: {p.model_size}",
+            f"endless), {t_draws(ObjectiveConfig())}" if params else f"- Model: {p.model_size}",
             "- Evaluation: dataset-level mIoU from one confusion matrix (ignore label excluded), EMA weights, "
             f"{p.eval_steps} Euler steps unless stated.",
             budgets,
