@@ -83,6 +83,13 @@ class Page:
         self.figures_dir = figures_dir
         self.verdicts: list[Verdict] = []
         self.seeds = len(self.p.seeds)
+        self._floors: dict[str, float] = {}
+
+    def floor(self, dataset: str) -> float:
+        """constant_prediction_miou of a dataset, computed once per page (it generates or reads the images)."""
+        if dataset not in self._floors:
+            self._floors[dataset] = constant_prediction_miou(dataset, self.p, self.r.roots.get(dataset))
+        return self._floors[dataset]
 
     def figure(self, name: str) -> Path:
         return self.figures_dir / name
@@ -115,7 +122,7 @@ class Page:
             gap = paired_differences(finals["reshaped"], finals["vanilla"])
             test_v = {s: vanilla[s]["test"]["miou"] for s in seeds}
             test_r = {s: reshaped[s]["test"]["miou"] for s in seeds}
-            floor = constant_prediction_miou(dataset, self.p, self.r.roots.get(dataset))
+            floor = self.floor(dataset)
             rows.append([dataset, mean_sd(list(finals["vanilla"].values())), mean_sd(list(finals["reshaped"].values())),
                          mean_sd(gap), mean_sd([reach[s] for s in seeds if reach[s]], 1.0, 0) if speedups else "never",
                          speed_text, mean_sd(list(test_v.values())), mean_sd(list(test_r.values())),
@@ -171,7 +178,7 @@ class Page:
                  f"changes one setting of the reference run ({objective_settings(ObjectiveConfig())}; flowseg's "
                  "defaults; image conditioning on). The paper's numbers are ADE20K "
                  "mIoU with its short schedule: compare orderings, not values. Predicting the most frequent class "
-                 f"everywhere scores {100 * constant_prediction_miou(dataset, self.p):.1f} on these images."]
+                 f"everywhere scores {100 * self.floor(dataset):.1f} on these images."]
         bars = []
         for group in ablation_groups(self.p):
             values = {row.label: self.r.test_miou(dataset, row.variant, "ablation") for row in group.rows}
@@ -439,7 +446,7 @@ class Page:
                  else "No claim is contradicted by this run.")
         dataset = self.p.ablation_dataset
         scale = (f"At this budget the reference model scores {mean_sd(list(self.r.test_miou(dataset, REFERENCE, 'ablation').values()))} "
-                 f"test mIoU on {dataset}, against {100 * constant_prediction_miou(dataset, self.p):.1f} for predicting "
+                 f"test mIoU on {dataset}, against {100 * self.floor(dataset):.1f} for predicting "
                  "the most frequent class everywhere: read the differences below with that in mind.")
         return "\n\n".join([
             "## Summary: the paper's claims against this run",
