@@ -32,6 +32,8 @@ from flowseg.objective import ObjectiveConfig
 PAPER_SAMPLING = {1: 43.47, 2: 45.85, 5: 46.82, 10: 47.1, 20: 46.78, 50: 46.13, 100: 45.78}  # ADE20K mIoU
 PAPER_SPEEDUP = 2.0
 PAPER_ONE_STEP_SHARE = PAPER_SAMPLING[1] / PAPER_SAMPLING[10]
+# "about 92%": within 5 points of it; a 1-step result above 10 steps is not what the paper reports
+ONE_STEP_TOLERANCE = 0.05
 FIELD_CLASSES = 6  # the 2-d Kronecker code drawn in the vector-field picture
 REPRODUCE = """## Reproduce
 
@@ -290,7 +292,8 @@ class Page:
         self.verdicts.append(Verdict("1 Euler step gives ~92% of the 10-step mIoU",
                                      f"{100 * PAPER_ONE_STEP_SHARE:.1f}%", f"{100 * one_share:.1f}%",
                                      "not measured" if math.isnan(one_share) else
-                                     "agrees" if one_share >= 0.9 * PAPER_ONE_STEP_SHARE else "disagrees"))
+                                     "agrees" if abs(one_share - PAPER_ONE_STEP_SHARE) <= ONE_STEP_TOLERANCE
+                                     else "disagrees"))
         images = next(iter(sweeps.values()))["images"]
         return "\n\n".join(head + [
             f"The reference model of experiment 1 on {self.p.ablation_dataset}, the first {images} test images, "
