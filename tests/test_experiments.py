@@ -309,3 +309,21 @@ def test_micro_preset_skips_finished_tasks_and_redoes_a_missing_one(micro_run):
     last = json.loads((out / "sessions.jsonl").read_text().splitlines()[-1])
     assert (last["tasks"], last["workers"]) == (1, 2)
     assert "over 2 invocation(s)" in page.read_text()
+
+
+def test_a_run_made_under_other_settings_is_an_error(micro_run):
+    root, page = micro_run
+    out = root / "out"
+    saved = next((out / "runs" / "mnist-seg" / "transform=sqrt").glob("*/config.yaml"))
+    original = saved.read_text()
+    assert "  tau: 0.5\n" in original
+    saved.write_text(original.replace("  tau: 0.5\n", "  tau: 0.7\n"))  # as if the default had been 0.7
+    try:
+        with pytest.raises(ValueError, match=r"1 run\(s\) in .* other settings(.|\n)*transform=sqrt.*"
+                                             r"objective.tau: 0.7 there, 0.5 now"):
+            run_experiments("micro", out, page, progress=False, keep_checkpoints=False)
+    finally:
+        saved.write_text(original)
+    before = result_files(out)
+    run_experiments("micro", out, page, progress=False, keep_checkpoints=False, device="cpu")
+    assert result_files(out) == before  # consistent again: nothing redone

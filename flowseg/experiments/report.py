@@ -42,7 +42,9 @@ REPRODUCE = """## Reproduce
 
 Each task writes OUT/results/<task>.json atomically and is skipped when that file exists, so running
 the same command again after an interruption continues where it stopped (a training run resumes from
-its last checkpoint). `--report-only` rewrites this page from OUT's results; `--ade20k ROOT` adds
+its last checkpoint). A run found in OUT that was made under other settings than the code now plans
+(a config file or a default changed) stops the command with the differences listed: use a new OUT.
+`--report-only` rewrites this page from OUT's results; `--ade20k ROOT` adds
 experiment 1 on ADE20K-layout data; `--workers`, `--threads` set the processes and torch threads;
 OUT/experiments.log holds the log of every run. Budgets are in flowseg/experiments/presets.py."""
 
