@@ -227,6 +227,15 @@ def test_runs_are_shared_between_experiments_with_equal_budgets():
     assert len(planned_runs(shared)) == len(planned_runs(micro)) - 2  # vanilla and reshaped run once
 
 
+def test_bounded_correction_runs_only_at_the_convergence_budget():
+    micro = get_preset("micro")
+    bounded = [spec for spec in planned_runs(micro) if spec.variant.name == "correction_clip=0.5"]
+    assert [(spec.dataset, spec.budget_name) for spec in bounded] == [(micro.ablation_dataset, "convergence")]
+    assert bounded[0].overrides()[-1] == "objective.correction_clip=0.5"
+    unbounded = dataclasses.replace(micro, correction_clips=())
+    assert len(planned_runs(unbounded)) == len(planned_runs(micro)) - 1
+
+
 def test_ade20k_root_adds_convergence_runs_reading_it(tmp_path):
     micro = get_preset("micro")
     runs = planned_runs(micro, ade20k_root=str(tmp_path))
@@ -279,6 +288,7 @@ def test_micro_preset_writes_the_page_and_every_figure(micro_run):
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{name})" in text
     assert "torch " + torch.__version__ in text and "seeds: 0" in text
+    assert "**Bounded correction**" in text and "| reshaped, correction <= 0.5 |" in text
     default = ObjectiveConfig()
     micro = get_preset("micro")
     rows = [*group(micro, "temperature tau").rows, *group(micro, "share of t = 0 draws").rows]

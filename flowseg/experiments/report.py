@@ -21,7 +21,7 @@ from flowseg.experiments import figures
 from flowseg.experiments.diagnostics import field_picture
 from flowseg.experiments.plan import (
     DISCRIMINATIVE, ENCODING_ROWS, PARAMETERIZATION_LABELS, REFERENCE, SCHEDULE_LABELS, TRANSFORM_LABELS, VANILLA,
-    AblationGroup, ablation_groups, encoding_variant,
+    AblationGroup, ablation_groups, ablation_variants, clip_values, clip_variants, encoding_variant,
 )
 from flowseg.experiments.presets import Preset
 from flowseg.experiments.results import (
@@ -141,6 +141,7 @@ class Page:
                 (f" ({len(never)} of {len(seeds)} seeds never reached it)" if never and speedups else "")
             self.verdicts.append(Verdict(f"{dataset}: reshaped reaches vanilla's final mIoU about 2x sooner",
                                          f"{PAPER_SPEEDUP:g}x", here, self._speed_verdict(speedups, len(never), len(at_first))))
+        bounded = self._bounded_correction(curves)
         if curves:
             figures.convergence_figure(curves, self.figure("convergence.png"))
         b = self.p.convergence
@@ -157,7 +158,45 @@ class Page:
                             "steps to reach vanilla's final", "speed-up", "vanilla test mIoU", "reshaped test mIoU",
                             "constant prediction test mIoU"], rows),
             self.link("convergence.png", "validation mIoU against training steps"),
+            *bounded,
         ])
+
+    def _bounded_correction(self, curves: dict) -> list[str]:
+        """The reshaped objective with its correction bounded (objective.correction_clip, not in the paper) at
+        the convergence budget on the ablation dataset, against vanilla and the reference run of the same
+        seeds; adds its curves to `curves`. Returns the page's paragraph and table (none without runs)."""
+        dataset = self.p.ablation_dataset
+
+        def done(variant: str) -> dict[int, dict]:
+            return {r["seed"]: r for r in self.r.runs(dataset, variant, "convergence") if r["status"] == "done"}
+
+        vanilla, reshaped = done(VANILLA), done(REFERENCE)
+        rows = []
+        for c, variant in zip(clip_values(self.p)[1:], clip_variants(self.p)):
+            bounded = done(variant)
+            seeds = [s for s in self.p.seeds if s in bounded and s in vanilla and s in reshaped]
+            if not seeds:
+                continue
+            test = {name: {s: runs[s]["test"]["miou"] for s in seeds}
+                    for name, runs in (("bounded", bounded), ("reshaped", reshaped), ("vanilla", vanilla))}
+            label = f"reshaped, correction <= {c:g}"
+            rows.append([label, mean_sd([bounded[s]["curve"][-1]["miou"] for s in seeds]),
+                         mean_sd(list(test["bounded"].values())),
+                         mean_sd(paired_differences(test["bounded"], test["reshaped"])),
+                         mean_sd(paired_differences(test["bounded"], test["vanilla"])), len(seeds)])
+            if dataset in curves:
+                steps = [point["step"] for point in bounded[seeds[0]]["curve"]]
+                curves[dataset][label] = (steps, [[p["miou"] for p in bounded[s]["curve"]] for s in seeds])
+        if not rows:
+            return []
+        return [
+            f"**Bounded correction** ({dataset}, same budget and seeds; not in the paper): the reshaped objective "
+            "with each pixel's correction lambda * dPhi/dx1_hat scaled down to a norm of at most c "
+            "(`objective.correction_clip`; the default, and the paper's target, is unbounded). Differences are "
+            "paired by seed, in test mIoU points.",
+            markdown_table(["run", "final val mIoU", "test mIoU", "vs reshaped (points)", "vs vanilla (points)",
+                            "seeds"], rows),
+        ]
 
     @staticmethod
     def _speed_verdict(speedups: list[float], never: int, at_first: int) -> str:
@@ -468,10 +507,11 @@ class Page:
         p = self.p
         budgets = markdown_table(
             ["experiment", "runs per seed", "steps x batch", "validation every", "warm-up"],
-            [["1. convergence (+4. sampling, 6. diagnostics)", f"2 per dataset ({', '.join(self.r.datasets)})",
+            [["1. convergence (+4. sampling, 6. diagnostics)", f"2 per dataset ({', '.join(self.r.datasets)})"
+              + (f" + {len(clip_variants(p))} bounded-correction on {p.ablation_dataset}" if clip_variants(p) else ""),
               f"{p.convergence.steps} x {p.convergence.batch_size}", p.convergence.val_every, p.convergence.warmup_steps],
              ["2. ablations, 3. encodings, 5. generative vs discriminative",
-              f"{len(self.r.variants)} on {p.ablation_dataset} (the twin: equal time)",
+              f"{len(ablation_variants(p))} on {p.ablation_dataset} (the twin: equal time)",
               f"{p.ablation.steps} x {p.ablation.batch_size}", p.ablation.val_every, p.ablation.warmup_steps]])
         return "\n\n".join([
             "## Set-up",

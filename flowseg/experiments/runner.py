@@ -42,7 +42,7 @@ from flowseg.data import build_dataset
 from flowseg.evaluate import EVAL_DATA_SEED, evaluate_dataset, load_split
 from flowseg.experiments.cost import measure_cost
 from flowseg.experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
-from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, RunSpec, planned_runs
+from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
 from flowseg.experiments.presets import Preset
 from flowseg.objective import FlowMatchingObjective
 from flowseg.predict import build_network, load_segmenter
@@ -144,7 +144,7 @@ class Runner:
     def tasks(self) -> list[Task]:
         tasks = [Task(COST_KEY, 0, lambda: measure_cost(self.preset, self.device))]
         for spec in self.runs:
-            diagnosed = spec.budget_name == "convergence"
+            diagnosed = spec.budget_name == "convergence" and spec.variant.name in (VANILLA, REFERENCE)
             tasks.append(Task(f"train/{spec.key}", 1, lambda spec=spec, later=diagnosed: self.train_run(spec, later)))
             if diagnosed and spec.variant.name == REFERENCE and spec.dataset == self.preset.ablation_dataset:
                 tasks.append(Task(f"sweep/{spec.key}", 2, lambda spec=spec: self.sampling_sweep(spec)))
