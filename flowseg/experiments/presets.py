@@ -17,8 +17,9 @@ the constant-prediction floor for about 1000 steps and takes off between about 1
 quick   convergence 800 steps on both datasets (and the bounded correction on mnist-seg), ablations 150
         steps. On 2 idle cores it took 11.2 min (29 tasks, before the bounded-correction run, which adds
         about 800 x 0.199 s / 2 workers = 1.3 min); its training tasks took 0.199 s of worker time per
-        optimizer step, validation and test evaluation included. At these budgets the ablations sit at the floor: quick shows that every
-        run trains and every section is written, and at most the start of the takeoff.
+        optimizer step, validation and test evaluation included. At these budgets the ablations sit at
+        the floor: quick shows that every run trains and every section is written, and at most the start
+        of the takeoff.
 full    convergence 3000 steps on mnist-seg only (vanilla, reshaped, and reshaped with the correction
         bounded at 0.5), ablations 600 steps, 3 seeds. The convergence runs must go past the takeoff to
         measure a speed-up: docs/core.md's run with these defaults (T/4, lr 5e-3, t_zero_fraction 0.9) was

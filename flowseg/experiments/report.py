@@ -179,7 +179,7 @@ class Page:
                 continue
             test = {name: {s: runs[s]["test"]["miou"] for s in seeds}
                     for name, runs in (("bounded", bounded), ("reshaped", reshaped), ("vanilla", vanilla))}
-            label = f"reshaped, correction <= {c:g}"
+            label = "reshaped, unbounded correction" if c is None else f"reshaped, correction <= {c:g}"
             rows.append([label, mean_sd([bounded[s]["curve"][-1]["miou"] for s in seeds]),
                          mean_sd(list(test["bounded"].values())),
                          mean_sd(paired_differences(test["bounded"], test["reshaped"])),
