@@ -227,6 +227,15 @@ def test_runs_are_shared_between_experiments_with_equal_budgets():
     assert len(planned_runs(shared)) == len(planned_runs(micro)) - 2  # vanilla and reshaped run once
 
 
+def test_bounded_correction_runs_only_at_the_convergence_budget():
+    micro = get_preset("micro")
+    bounded = [spec for spec in planned_runs(micro) if spec.variant.name == "correction_clip=0.5"]
+    assert [(spec.dataset, spec.budget_name) for spec in bounded] == [(micro.ablation_dataset, "convergence")]
+    assert bounded[0].overrides()[-1] == "objective.correction_clip=0.5"
+    unbounded = dataclasses.replace(micro, correction_clips=())
+    assert len(planned_runs(unbounded)) == len(planned_runs(micro)) - 1
+
+
 def test_ade20k_root_adds_convergence_runs_reading_it(tmp_path):
     micro = get_preset("micro")
     runs = planned_runs(micro, ade20k_root=str(tmp_path))
@@ -279,6 +288,7 @@ def test_micro_preset_writes_the_page_and_every_figure(micro_run):
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{name})" in text
     assert "torch " + torch.__version__ in text and "seeds: 0" in text
+    assert "**Bounded correction**" in text and "| reshaped, correction <= 0.5 |" in text
     default = ObjectiveConfig()
     micro = get_preset("micro")
     rows = [*group(micro, "temperature tau").rows, *group(micro, "share of t = 0 draws").rows]
@@ -309,3 +319,21 @@ def test_micro_preset_skips_finished_tasks_and_redoes_a_missing_one(micro_run):
     last = json.loads((out / "sessions.jsonl").read_text().splitlines()[-1])
     assert (last["tasks"], last["workers"]) == (1, 2)
     assert "over 2 invocation(s)" in page.read_text()
+
+
+def test_a_run_made_under_other_settings_is_an_error(micro_run):
+    root, page = micro_run
+    out = root / "out"
+    saved = next((out / "runs" / "mnist-seg" / "transform=sqrt").glob("*/config.yaml"))
+    original = saved.read_text()
+    assert "  tau: 0.5\n" in original
+    saved.write_text(original.replace("  tau: 0.5\n", "  tau: 0.7\n"))  # as if the default had been 0.7
+    try:
+        with pytest.raises(ValueError, match=r"1 run\(s\) in .* other settings(.|\n)*transform=sqrt.*"
+                                             r"objective.tau: 0.7 there, 0.5 now"):
+            run_experiments("micro", out, page, progress=False, keep_checkpoints=False)
+    finally:
+        saved.write_text(original)
+    before = result_files(out)
+    run_experiments("micro", out, page, progress=False, keep_checkpoints=False, device="cpu")
+    assert result_files(out) == before  # consistent again: nothing redone

@@ -295,6 +295,26 @@ def test_reshaped_loss_against_autograd_target(parameterization, transform):
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-9)
 
 
+def test_correction_clip_bounds_each_pixel_and_keeps_its_direction():
+    enc = build_encoding("kronecker", 7)
+    image, labels = make_batch()
+    output = 3 * torch.randn(3, 3, 4, 5, generator=torch.Generator().manual_seed(1))
+
+    def correction(clip):  # lambda * dPhi/dx1_hat after the clip, for one fixed draw
+        cfg = ObjectiveConfig(lam=2.0, correction_clip=clip)
+        f = FlowMatchingObjective(enc, cfg).targets(lambda x_t, t, img: output, image, labels,
+                                                    generator=torch.Generator().manual_seed(0))
+        return f.v_star - f.v_target  # (B, d, H, W)
+
+    free, clipped = correction(None), correction(0.5)
+    norm = free.norm(dim=1, keepdim=True)  # (B, 1, H, W)
+    large = norm > 0.5
+    assert large.any() and (~large & (norm > 0)).any()  # the draw has pixels on both sides of c
+    expected = torch.where(large, free * 0.5 / norm.clamp_min(1e-12), free)  # norm c, same direction
+    assert torch.allclose(clipped, expected, atol=1e-6)
+    assert clipped.norm(dim=1).max() <= 0.5 + 1e-6
+
+
 def test_correction_is_detached_from_the_model():
     enc = build_encoding("kronecker", 7)
     image, labels = make_batch()
@@ -367,6 +387,8 @@ def test_objective_rejects_bad_input():
         ObjectiveConfig(transform="cube")
     with pytest.raises(ValueError, match="lam must be >= 0"):
         ObjectiveConfig(lam=-1.0)
+    with pytest.raises(ValueError, match="correction_clip must be > 0 or None, got 0.0"):
+        ObjectiveConfig(correction_clip=0.0)
     objective = FlowMatchingObjective(enc)
     with pytest.raises(ValueError, match="do not match image"):
         objective(zero_model, image, labels[:, :3])

@@ -105,6 +105,17 @@ def objective_variant(field: str, value: object) -> str:
     return f"{field}={value:g}" if isinstance(value, float) else f"{field}={value}"
 
 
+def clip_values(preset: Preset) -> tuple[float | None, ...]:
+    """The correction bounds compared: the default first (None: unbounded, the paper's target), then the preset's."""
+    default = ObjectiveConfig().correction_clip
+    return (default, *(c for c in preset.correction_clips if c != default))
+
+
+def clip_variants(preset: Preset) -> list[str]:
+    """The runs of the bounds that are not the default (the reference run covers the default)."""
+    return [objective_variant("correction_clip", c) for c in clip_values(preset)[1:]]
+
+
 def variants(preset: Preset) -> dict[str, Variant]:
     band = f"data.options.boundary_ignore={preset.ignore_band}"
     table = [
@@ -113,6 +124,8 @@ def variants(preset: Preset) -> dict[str, Variant]:
         *(Variant(objective_variant(field, value), (f"objective.{field}={value}",))
           for field, values in objective_sweeps(preset).items() for value in values
           if objective_variant(field, value) != REFERENCE),
+        *(Variant(objective_variant("correction_clip", c), (f"objective.correction_clip={'null' if c is None else c}",))
+          for c in clip_values(preset)[1:]),
         Variant("ignore-masked", (band,)),
         Variant("ignore-unmasked", (band, "objective.mask_ignore=false")),
         Variant("no-image-conditioning", ("model.image_conditioning=false",)),
@@ -120,6 +133,12 @@ def variants(preset: Preset) -> dict[str, Variant]:
         Variant(DISCRIMINATIVE, ("model.kind=discriminative",)),  # steps: set for equal time at run time
     ]
     return {variant.name: variant for variant in table}
+
+
+def ablation_variants(preset: Preset) -> list[str]:
+    """The runs at the ablation budget: every variant but the bounded corrections, which run only at the
+    convergence budget (at the ablation budget a run has not yet left the background-only plateau)."""
+    return [name for name in variants(preset) if name not in clip_variants(preset)]
 
 
 def encoding_variant(name: str) -> str:
@@ -175,8 +194,8 @@ def ablation_groups(preset: Preset) -> list[AblationGroup]:
 
 
 def planned_runs(preset: Preset, ade20k_root: str | None = None) -> list[RunSpec]:
-    """Every training run of the preset, each once (per seed: the convergence runs on every dataset,
-    then the ablation-budget runs on the ablation dataset)."""
+    """Every training run of the preset, each once (per seed: the convergence runs on every dataset and
+    the bounded-correction ones on the ablation dataset, then the ablation-budget runs on it)."""
     table = variants(preset)
     datasets = [(name, None) for name in preset.datasets] + ([("ade20k", ade20k_root)] if ade20k_root else [])
     runs: dict[str, RunSpec] = {}
@@ -185,7 +204,10 @@ def planned_runs(preset: Preset, ade20k_root: str | None = None) -> list[RunSpec
             for name in (VANILLA, REFERENCE):
                 spec = RunSpec(dataset, table[name], "convergence", preset.convergence, seed, preset, root)
                 runs.setdefault(spec.key, spec)
-        for name, variant in table.items():
-            spec = RunSpec(preset.ablation_dataset, variant, "ablation", preset.ablation, seed, preset)
+        for name in clip_variants(preset):
+            spec = RunSpec(preset.ablation_dataset, table[name], "convergence", preset.convergence, seed, preset)
+            runs.setdefault(spec.key, spec)
+        for name in ablation_variants(preset):
+            spec = RunSpec(preset.ablation_dataset, table[name], "ablation", preset.ablation, seed, preset)
             runs.setdefault(spec.key, spec)
     return list(runs.values())

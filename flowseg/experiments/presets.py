@@ -14,20 +14,23 @@ mIoU on mnist-seg) at lr 5e-3, batch 16. On mnist-seg the validation mIoU of thi
 the constant-prediction floor for about 1000 steps and takes off between about 1000 and 2500 steps
 (docs/core.md), which sets the budgets:
 
-quick   convergence 800 steps on both datasets, ablations 150 steps. On 2 idle cores it took 11.2 min
-        (29 tasks); its training tasks took 0.199 s of worker time per optimizer step, validation and
-        test evaluation included. At these budgets the ablations sit at the floor: quick shows that every
-        run trains and every section is written, and at most the start of the takeoff.
-full    convergence 3000 steps on mnist-seg only, ablations 600 steps, 3 seeds. The convergence pair must
-        run past the takeoff to measure a speed-up: docs/core.md's run with these defaults (T/4, lr 5e-3,
-        t_zero_fraction 0.9) was at 0.11 at 1000 steps and 0.34 at 3000. A second dataset's pair would
-        cost another ~30 min at 3000 steps; even at 2000 steps it fits only by cutting the 19 ablation
-        runs per seed to ~450 steps, where quick's mnist-seg runs were still near the floor; so shapes
-        runs only in quick (and micro). The ablations at 600 steps are short of the takeoff too: read
-        them as early-training differences.
-        Estimate, scaled from quick's 0.199 worker-seconds per step with 2 workers:
-        3 x (2 x 3000 + 19 x 600) = 52,200 steps -> 10,400 worker-s -> 87 min of training, plus about
-        4 min for the cost experiment, the sampling sweeps and the diagnostics: about 91 min.
+quick   convergence 800 steps on both datasets (and the bounded correction on mnist-seg), ablations 150
+        steps. On 2 idle cores it took 11.2 min (29 tasks, before the bounded-correction run, which adds
+        about 800 x 0.199 s / 2 workers = 1.3 min); its training tasks took 0.199 s of worker time per
+        optimizer step, validation and test evaluation included. At these budgets the ablations sit at
+        the floor: quick shows that every run trains and every section is written, and at most the start
+        of the takeoff.
+full    convergence 3000 steps on mnist-seg only (vanilla, reshaped, and reshaped with the correction
+        bounded at 0.5), ablations 600 steps, 3 seeds. The convergence runs must go past the takeoff to
+        measure a speed-up: docs/core.md's run with these defaults (T/4, lr 5e-3, t_zero_fraction 0.9) was
+        at 0.11 at 1000 steps and 0.34 at 3000. A second dataset's pair would cost another ~30 min at 3000
+        steps; even at 2000 steps it fits only by cutting the 19 ablation runs per seed to ~450 steps,
+        where quick's mnist-seg runs were still near the floor; so shapes runs only in quick (and micro).
+        The ablations at 600 steps are short of the takeoff too: read them as early-training differences.
+        Estimate from the full preset's own task times with 2 workers on an idle machine (2026-11-25: a
+        3000-step run 528-566 s, a 600-step run 111-125 s): 3 x (3 x 540 + 19 x 118) s / 2 workers =
+        97 min of training, plus about 3 min for the cost experiment, the sampling sweeps and the
+        diagnostics: about 100 min.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ class Preset:
     workers: int                     # processes training side by side unless --workers says otherwise
     model_size: str                  # key of flowseg.models.SIZES, the same for every run
     image_size: int
-    convergence: Budget              # 1. vanilla vs reshaped on every dataset (+ diagnostics, sampling steps)
+    convergence: Budget              # 1. vanilla vs reshaped on every dataset (+ diagnostics, sampling steps),
+                                     #    and the reshaped objective with each of correction_clips
     ablation: Budget                 # 2. ablations, 3. encodings, 5. the flow side of generative vs discriminative
     val_samples: int                 # validation images behind each point of a convergence curve
     eval_samples: int                # test images behind each final mIoU
@@ -76,6 +80,9 @@ class Preset:
     cost_inference_steps: tuple[int, ...] = (1, 2, 5, 10, 20)
     taus: tuple[float, ...] = ()     # besides ObjectiveConfig().tau and method.md's tau = 1, always swept
     epses: tuple[float, ...] = (1e-2,)                   # besides ObjectiveConfig().eps
+    # bounds on the correction (objective.correction_clip, not in the paper), each a run at the convergence
+    # budget on the ablation dataset beside vanilla and reshaped (experiment 1)
+    correction_clips: tuple[float, ...] = (0.5,)
     ignore_band: int = 1                                 # ignore-masking ablation: 255 within this many px of a boundary
     spacing_class_counts: tuple[int, ...] = (11, 19, 150, 171)
     lr: float = 5e-3                 # T/4 on mnist-seg learned faster at 5e-3 than at 3e-3 (batch 16, one run each)

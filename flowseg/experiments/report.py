@@ -21,7 +21,7 @@ from flowseg.experiments import figures
 from flowseg.experiments.diagnostics import field_picture
 from flowseg.experiments.plan import (
     DISCRIMINATIVE, ENCODING_ROWS, PARAMETERIZATION_LABELS, REFERENCE, SCHEDULE_LABELS, TRANSFORM_LABELS, VANILLA,
-    AblationGroup, ablation_groups, encoding_variant,
+    AblationGroup, ablation_groups, ablation_variants, clip_values, clip_variants, encoding_variant,
 )
 from flowseg.experiments.presets import Preset
 from flowseg.experiments.results import (
@@ -32,6 +32,8 @@ from flowseg.objective import ObjectiveConfig
 PAPER_SAMPLING = {1: 43.47, 2: 45.85, 5: 46.82, 10: 47.1, 20: 46.78, 50: 46.13, 100: 45.78}  # ADE20K mIoU
 PAPER_SPEEDUP = 2.0
 PAPER_ONE_STEP_SHARE = PAPER_SAMPLING[1] / PAPER_SAMPLING[10]
+# "about 92%": within 5 points of it; a 1-step result above 10 steps is not what the paper reports
+ONE_STEP_TOLERANCE = 0.05
 FIELD_CLASSES = 6  # the 2-d Kronecker code drawn in the vector-field picture
 REPRODUCE = """## Reproduce
 
@@ -40,7 +42,9 @@ REPRODUCE = """## Reproduce
 
 Each task writes OUT/results/<task>.json atomically and is skipped when that file exists, so running
 the same command again after an interruption continues where it stopped (a training run resumes from
-its last checkpoint). `--report-only` rewrites this page from OUT's results; `--ade20k ROOT` adds
+its last checkpoint). A run found in OUT that was made under other settings than the code now plans
+(a config file or a default changed) stops the command with the differences listed: use a new OUT.
+`--report-only` rewrites this page from OUT's results; `--ade20k ROOT` adds
 experiment 1 on ADE20K-layout data; `--workers`, `--threads` set the processes and torch threads;
 OUT/experiments.log holds the log of every run. Budgets are in flowseg/experiments/presets.py."""
 
@@ -137,6 +141,7 @@ class Page:
                 (f" ({len(never)} of {len(seeds)} seeds never reached it)" if never and speedups else "")
             self.verdicts.append(Verdict(f"{dataset}: reshaped reaches vanilla's final mIoU about 2x sooner",
                                          f"{PAPER_SPEEDUP:g}x", here, self._speed_verdict(speedups, len(never), len(at_first))))
+        bounded = self._bounded_correction(curves)
         if curves:
             figures.convergence_figure(curves, self.figure("convergence.png"))
         b = self.p.convergence
@@ -153,7 +158,45 @@ class Page:
                             "steps to reach vanilla's final", "speed-up", "vanilla test mIoU", "reshaped test mIoU",
                             "constant prediction test mIoU"], rows),
             self.link("convergence.png", "validation mIoU against training steps"),
+            *bounded,
         ])
+
+    def _bounded_correction(self, curves: dict) -> list[str]:
+        """The reshaped objective with its correction bounded (objective.correction_clip, not in the paper) at
+        the convergence budget on the ablation dataset, against vanilla and the reference run of the same
+        seeds; adds its curves to `curves`. Returns the page's paragraph and table (none without runs)."""
+        dataset = self.p.ablation_dataset
+
+        def done(variant: str) -> dict[int, dict]:
+            return {r["seed"]: r for r in self.r.runs(dataset, variant, "convergence") if r["status"] == "done"}
+
+        vanilla, reshaped = done(VANILLA), done(REFERENCE)
+        rows = []
+        for c, variant in zip(clip_values(self.p)[1:], clip_variants(self.p)):
+            bounded = done(variant)
+            seeds = [s for s in self.p.seeds if s in bounded and s in vanilla and s in reshaped]
+            if not seeds:
+                continue
+            test = {name: {s: runs[s]["test"]["miou"] for s in seeds}
+                    for name, runs in (("bounded", bounded), ("reshaped", reshaped), ("vanilla", vanilla))}
+            label = "reshaped, unbounded correction" if c is None else f"reshaped, correction <= {c:g}"
+            rows.append([label, mean_sd([bounded[s]["curve"][-1]["miou"] for s in seeds]),
+                         mean_sd(list(test["bounded"].values())),
+                         mean_sd(paired_differences(test["bounded"], test["reshaped"])),
+                         mean_sd(paired_differences(test["bounded"], test["vanilla"])), len(seeds)])
+            if dataset in curves:
+                steps = [point["step"] for point in bounded[seeds[0]]["curve"]]
+                curves[dataset][label] = (steps, [[p["miou"] for p in bounded[s]["curve"]] for s in seeds])
+        if not rows:
+            return []
+        return [
+            f"**Bounded correction** ({dataset}, same budget and seeds; not in the paper): the reshaped objective "
+            "with each pixel's correction lambda * dPhi/dx1_hat scaled down to a norm of at most c "
+            "(`objective.correction_clip`; the default, and the paper's target, is unbounded). Differences are "
+            "paired by seed, in test mIoU points.",
+            markdown_table(["run", "final val mIoU", "test mIoU", "vs reshaped (points)", "vs vanilla (points)",
+                            "seeds"], rows),
+        ]
 
     @staticmethod
     def _speed_verdict(speedups: list[float], never: int, at_first: int) -> str:
@@ -290,7 +333,8 @@ class Page:
         self.verdicts.append(Verdict("1 Euler step gives ~92% of the 10-step mIoU",
                                      f"{100 * PAPER_ONE_STEP_SHARE:.1f}%", f"{100 * one_share:.1f}%",
                                      "not measured" if math.isnan(one_share) else
-                                     "agrees" if one_share >= 0.9 * PAPER_ONE_STEP_SHARE else "disagrees"))
+                                     "agrees" if abs(one_share - PAPER_ONE_STEP_SHARE) <= ONE_STEP_TOLERANCE
+                                     else "disagrees"))
         images = next(iter(sweeps.values()))["images"]
         return "\n\n".join(head + [
             f"The reference model of experiment 1 on {self.p.ablation_dataset}, the first {images} test images, "
@@ -463,10 +507,11 @@ class Page:
         p = self.p
         budgets = markdown_table(
             ["experiment", "runs per seed", "steps x batch", "validation every", "warm-up"],
-            [["1. convergence (+4. sampling, 6. diagnostics)", f"2 per dataset ({', '.join(self.r.datasets)})",
+            [["1. convergence (+4. sampling, 6. diagnostics)", f"2 per dataset ({', '.join(self.r.datasets)})"
+              + (f" + {len(clip_variants(p))} bounded-correction on {p.ablation_dataset}" if clip_variants(p) else ""),
               f"{p.convergence.steps} x {p.convergence.batch_size}", p.convergence.val_every, p.convergence.warmup_steps],
              ["2. ablations, 3. encodings, 5. generative vs discriminative",
-              f"{len(self.r.variants)} on {p.ablation_dataset} (the twin: equal time)",
+              f"{len(ablation_variants(p))} on {p.ablation_dataset} (the twin: equal time)",
               f"{p.ablation.steps} x {p.ablation.batch_size}", p.ablation.val_every, p.ablation.warmup_steps]])
         return "\n\n".join([
             "## Set-up",

@@ -7,6 +7,9 @@ when its JSON is already there, so an interrupted preset continues where it stop
     OUT/sessions.jsonl            wall time of every invocation that ran tasks
 
 A training run that was interrupted resumes from its newest checkpoint (flowseg.train's --resume).
+Before anything runs, every run with a result or a folder is checked against the configuration this
+code plans for it (config files and dataclass defaults included, not only the run's overrides): a
+run made under other settings is an error, so a page never mixes results of two configurations.
 Tasks run in phases, each needing only earlier ones: 0 the cost experiment (alone, so nothing else
 disturbs its timings; the discriminative twin's step budget comes from its throughput ratio),
 1 the training runs, 2 the sampling sweep, 3 the diagnostics (which then release the checkpoints).
@@ -39,7 +42,7 @@ from flowseg.data import build_dataset
 from flowseg.evaluate import EVAL_DATA_SEED, evaluate_dataset, load_split
 from flowseg.experiments.cost import measure_cost
 from flowseg.experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
-from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, RunSpec, planned_runs
+from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
 from flowseg.experiments.presets import Preset
 from flowseg.objective import FlowMatchingObjective
 from flowseg.predict import build_network, load_segmenter
@@ -116,6 +119,16 @@ def validation_curve(metrics_file: Path) -> list[dict]:
     return [{"step": step, "miou": by_step[step]} for step in sorted(by_step)]
 
 
+# where and how a run executes, not what it computes: free to differ between invocations
+EXECUTION_SETTINGS = ("train.out_dir", "train.device", "train.threads", "train.progress", "data.num_workers")
+
+
+def flat_settings(config: Config) -> dict[str, object]:
+    """{"section.key": value} of a config, without EXECUTION_SETTINGS."""
+    flat = {f"{section}.{key}": value for section, fields in asdict(config).items() for key, value in fields.items()}
+    return {key: value for key, value in flat.items() if key not in EXECUTION_SETTINGS}
+
+
 def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
@@ -131,7 +144,7 @@ class Runner:
     def tasks(self) -> list[Task]:
         tasks = [Task(COST_KEY, 0, lambda: measure_cost(self.preset, self.device))]
         for spec in self.runs:
-            diagnosed = spec.budget_name == "convergence"
+            diagnosed = spec.budget_name == "convergence" and spec.variant.name in (VANILLA, REFERENCE)
             tasks.append(Task(f"train/{spec.key}", 1, lambda spec=spec, later=diagnosed: self.train_run(spec, later)))
             if diagnosed and spec.variant.name == REFERENCE and spec.dataset == self.preset.ablation_dataset:
                 tasks.append(Task(f"sweep/{spec.key}", 2, lambda spec=spec: self.sampling_sweep(spec)))
@@ -155,6 +168,7 @@ class Runner:
         """Every task without a result file, phase by phase (module docstring); returns how many ran."""
         workers = self.settings.workers
         tasks = self.tasks()
+        self.check_saved_configs()
         todo = [task for task in tasks if not result_path(self.out, task.key).is_file()]
         log.info("preset %s: %d tasks, %d already done (their results are kept)", self.preset.name, len(tasks),
                  len(tasks) - len(todo))
@@ -173,6 +187,28 @@ class Runner:
                         future.result()
                         bar.update()
         return len(todo)
+
+    def check_saved_configs(self) -> None:
+        """Raise if a run in OUT was made with settings other than those planned for it now."""
+        stale = []
+        for spec in self.runs:
+            saved_file = run_dir(self.out, spec) / "config.yaml"
+            if not saved_file.is_file():
+                continue
+            if spec.variant.name == DISCRIMINATIVE and read_result(self.out, COST_KEY) is None:
+                continue  # its step budget comes from the cost experiment, which has not run yet
+            # read by this code, so settings added since then take their defaults on both sides
+            saved = flat_settings(config_from_yaml(saved_file.read_text(), origin=str(saved_file)))
+            planned = flat_settings(self.run_config(spec))
+            changed = [f"{key}: {saved.get(key)!r} there, {planned.get(key)!r} now"
+                       for key in sorted(planned.keys() | saved.keys()) if saved.get(key) != planned.get(key)]
+            if changed:
+                stale.append(f"  {spec.key}: " + "; ".join(changed))
+        if stale:
+            raise ValueError(
+                f"{len(stale)} run(s) in {self.out} were made with other settings than this code plans for them "
+                f"(a config file or a default changed since):\n" + "\n".join(stale) +
+                f"\nuse a new --out folder, or delete {self.out / 'runs'} and {self.out / 'results'} to redo them")
 
     # ---- training runs ------------------------------------------------------------------------
 
