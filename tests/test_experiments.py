@@ -337,3 +337,10 @@ def test_a_run_made_under_other_settings_is_an_error(micro_run):
     before = result_files(out)
     run_experiments("micro", out, page, progress=False, keep_checkpoints=False, device="cpu")
     assert result_files(out) == before  # consistent again: nothing redone
+
+
+def test_every_curve_of_a_figure_gets_its_own_colour():
+    from flowseg.experiments.figures import COLOURS, curve_colours
+    colours = curve_colours(["vanilla", "reshaped", "reshaped, correction <= 0.5", "another"])
+    assert colours["vanilla"] == COLOURS["vanilla"] and colours["reshaped"] == COLOURS["reshaped"]
+    assert len(set(colours.values())) == 4

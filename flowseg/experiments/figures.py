@@ -20,6 +20,13 @@ from flowseg.checkpoint import write_atomically
 from flowseg.experiments.diagnostics import FieldPicture
 
 COLOURS = {"vanilla": "tab:blue", "reshaped": "tab:red", "straight path": "tab:grey", "discriminative": "tab:green"}
+SPARE_COLOURS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def curve_colours(names: Sequence[str]) -> dict[str, str]:
+    """COLOURS for the names it knows; the others take spare colours in order, so no two curves share one."""
+    spare = iter(SPARE_COLOURS)
+    return {name: COLOURS[name] if name in COLOURS else next(spare) for name in names}
 
 
 def _new_figure(columns: int, width: float = 4.6, height: float = 3.6) -> tuple[Figure, list]:
@@ -50,8 +57,9 @@ def convergence_figure(curves: Mapping[str, Mapping[str, tuple[list[int], list[l
     """curves[dataset][variant] = (steps, per-seed validation mIoU at those steps)."""
     figure, axes = _new_figure(len(curves))
     for ax, (dataset, by_variant) in zip(axes, curves.items()):
+        colours = curve_colours(list(by_variant))
         for variant, (steps, runs) in by_variant.items():
-            _mean_band(ax, steps, [[100 * v for v in run] for run in runs], variant, COLOURS.get(variant))
+            _mean_band(ax, steps, [[100 * v for v in run] for run in runs], variant, colours[variant])
         ax.set(title=dataset, xlabel="training step", ylabel="validation mIoU (%)")
         ax.grid(alpha=0.3)
         ax.legend()
