@@ -16,6 +16,7 @@ from flowseg.experiments.diagnostics import (
 )
 from flowseg.experiments import plan
 from flowseg.experiments.plan import REFERENCE, ablation_groups, planned_runs, variants
+from flowseg.experiments.figures import COLOURS, curve_colours
 from flowseg.experiments.presets import Budget
 from flowseg.data import build_dataset
 from flowseg.experiments.report import t_draws
@@ -340,7 +341,6 @@ def test_a_run_made_under_other_settings_is_an_error(micro_run):
 
 
 def test_every_curve_of_a_figure_gets_its_own_colour():
-    from flowseg.experiments.figures import COLOURS, curve_colours
     colours = curve_colours(["vanilla", "reshaped", "reshaped, correction <= 0.5", "another"])
     assert colours["vanilla"] == COLOURS["vanilla"] and colours["reshaped"] == COLOURS["reshaped"]
     assert len(set(colours.values())) == 4
