@@ -105,15 +105,11 @@ def objective_variant(field: str, value: object) -> str:
     return f"{field}={value:g}" if isinstance(value, float) else f"{field}={value}"
 
 
-def clip_values(preset: Preset) -> tuple[float | None, ...]:
-    """The correction bounds compared: the default first (None: unbounded, the paper's target), then the preset's."""
-    default = ObjectiveConfig().correction_clip
-    return (default, *(c for c in preset.correction_clips if c != default))
-
-
-def clip_variants(preset: Preset) -> list[str]:
-    """The runs of the bounds that are not the default (the reference run covers the default)."""
-    return [objective_variant("correction_clip", c) for c in clip_values(preset)[1:]]
+def bounded_variants(preset: Preset) -> dict[str, float | None]:
+    """Run name -> correction bound, for the preset's bounds other than the default (the reference run
+    covers the default; None there means unbounded, the paper's target)."""
+    return {objective_variant("correction_clip", c): c for c in preset.correction_clips
+            if objective_variant("correction_clip", c) != REFERENCE}
 
 
 def variants(preset: Preset) -> dict[str, Variant]:
@@ -124,8 +120,8 @@ def variants(preset: Preset) -> dict[str, Variant]:
         *(Variant(objective_variant(field, value), (f"objective.{field}={value}",))
           for field, values in objective_sweeps(preset).items() for value in values
           if objective_variant(field, value) != REFERENCE),
-        *(Variant(objective_variant("correction_clip", c), (f"objective.correction_clip={'null' if c is None else c}",))
-          for c in clip_values(preset)[1:]),
+        *(Variant(name, (f"objective.correction_clip={'null' if c is None else c}",))
+          for name, c in bounded_variants(preset).items()),
         Variant("ignore-masked", (band,)),
         Variant("ignore-unmasked", (band, "objective.mask_ignore=false")),
         Variant("no-image-conditioning", ("model.image_conditioning=false",)),
@@ -138,7 +134,7 @@ def variants(preset: Preset) -> dict[str, Variant]:
 def ablation_variants(preset: Preset) -> list[str]:
     """The runs at the ablation budget: every variant but the bounded corrections, which run only at the
     convergence budget (at the ablation budget a run has not yet left the background-only plateau)."""
-    return [name for name in variants(preset) if name not in clip_variants(preset)]
+    return [name for name in variants(preset) if name not in bounded_variants(preset)]
 
 
 def encoding_variant(name: str) -> str:
@@ -204,7 +200,7 @@ def planned_runs(preset: Preset, ade20k_root: str | None = None) -> list[RunSpec
             for name in (VANILLA, REFERENCE):
                 spec = RunSpec(dataset, table[name], "convergence", preset.convergence, seed, preset, root)
                 runs.setdefault(spec.key, spec)
-        for name in clip_variants(preset):
+        for name in bounded_variants(preset):
             spec = RunSpec(preset.ablation_dataset, table[name], "convergence", preset.convergence, seed, preset)
             runs.setdefault(spec.key, spec)
         for name in ablation_variants(preset):

@@ -21,7 +21,7 @@ from flowseg.experiments import figures
 from flowseg.experiments.diagnostics import field_picture
 from flowseg.experiments.plan import (
     DISCRIMINATIVE, ENCODING_ROWS, PARAMETERIZATION_LABELS, REFERENCE, SCHEDULE_LABELS, TRANSFORM_LABELS, VANILLA,
-    AblationGroup, ablation_groups, ablation_variants, clip_values, clip_variants, encoding_variant,
+    AblationGroup, ablation_groups, ablation_variants, bounded_variants, encoding_variant,
 )
 from flowseg.experiments.presets import Preset
 from flowseg.experiments.results import (
@@ -105,8 +105,7 @@ class Page:
     def convergence(self) -> str:
         rows, curves = [], {}
         for dataset in self.r.datasets:
-            vanilla = {r["seed"]: r for r in self.r.runs(dataset, VANILLA, "convergence") if r["status"] == "done"}
-            reshaped = {r["seed"]: r for r in self.r.runs(dataset, REFERENCE, "convergence") if r["status"] == "done"}
+            vanilla, reshaped = (self.r.by_seed("train", dataset, name, "convergence") for name in (VANILLA, REFERENCE))
             seeds = [s for s in self.p.seeds if s in vanilla and s in reshaped]
             if not seeds:
                 rows.append([dataset] + ["n/a"] * 8)
@@ -166,14 +165,10 @@ class Page:
         the convergence budget on the ablation dataset, against vanilla and the reference run of the same
         seeds; adds its curves to `curves`. Returns the page's paragraph and table (none without runs)."""
         dataset = self.p.ablation_dataset
-
-        def done(variant: str) -> dict[int, dict]:
-            return {r["seed"]: r for r in self.r.runs(dataset, variant, "convergence") if r["status"] == "done"}
-
-        vanilla, reshaped = done(VANILLA), done(REFERENCE)
+        vanilla, reshaped = (self.r.by_seed("train", dataset, name, "convergence") for name in (VANILLA, REFERENCE))
         rows = []
-        for c, variant in zip(clip_values(self.p)[1:], clip_variants(self.p)):
-            bounded = done(variant)
+        for variant, c in bounded_variants(self.p).items():
+            bounded = self.r.by_seed("train", dataset, variant, "convergence")
             seeds = [s for s in self.p.seeds if s in bounded and s in vanilla and s in reshaped]
             if not seeds:
                 continue
@@ -508,7 +503,7 @@ class Page:
         budgets = markdown_table(
             ["experiment", "runs per seed", "steps x batch", "validation every", "warm-up"],
             [["1. convergence (+4. sampling, 6. diagnostics)", f"2 per dataset ({', '.join(self.r.datasets)})"
-              + (f" + {len(clip_variants(p))} bounded-correction on {p.ablation_dataset}" if clip_variants(p) else ""),
+              + (f" + {len(bounded_variants(p))} bounded-correction on {p.ablation_dataset}" if bounded_variants(p) else ""),
               f"{p.convergence.steps} x {p.convergence.batch_size}", p.convergence.val_every, p.convergence.warmup_steps],
              ["2. ablations, 3. encodings, 5. generative vs discriminative",
               f"{len(ablation_variants(p))} on {p.ablation_dataset} (the twin: equal time)",
