@@ -63,10 +63,14 @@ class ModelConfig:
     dim: Optional[int] = None        # encoding dimension d; None = the encoding's default
     image_conditioning: bool = True  # feed the image I as extra input channels
     pretrained: Optional[str] = None # a PixNerd checkpoint file to initialise the trunk from
+    # > 0: a token head classifies each patch token from the trunk, and weight x its cross-entropy
+    # against the patch's label histogram joins the training loss (unused when sampling)
+    token_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("model", "kind", self.kind, ("flow", "discriminative"))
         _check_positive("model", "dim", self.dim)
+        _check_positive("model", "token_loss_weight", self.token_loss_weight, allow_zero=True)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Training objectives: vanilla flow matching, the reshaped target with the detached distance-aware
-correction (method.md section 3), and the discriminative cross-entropy baseline.
+correction (method.md section 3), the discriminative cross-entropy baseline, and the auxiliary
+token-classification loss that either model can add (token_classification_loss).
 
 Reshaped target, per pixel, with the clean estimate x1_hat of the same forward pass:
 
@@ -334,3 +335,33 @@ def discriminative_loss(logits: Tensor, labels: Tensor) -> LossOutput:
     with torch.no_grad():
         accuracy = ((logits.argmax(1) == labels) & valid).sum() / count
     return LossOutput(loss, {"loss_ce": loss.item(), "pixel_accuracy": accuracy.item()})
+
+
+def token_classification_loss(logits: Tensor, labels: Tensor, patch_size: int) -> LossOutput:
+    """Auxiliary loss on the trunk's token logits z (B, L, N), one token per p x p patch of labels (B, H, W):
+
+        q_l,k = share of patch l's valid pixels labelled k,   L_tok = -mean_{l: patch l has a valid pixel}
+                                                                      sum_k q_l,k log softmax(z_l)_k
+
+    Cross-entropy against each patch's label histogram. Added to the flow loss it gives the trunk the
+    direct class signal that regression to the centroids lacks early on (docs/core.md, "The token loss").
+    """
+    if logits.dim() != 3 or not logits.dtype.is_floating_point:
+        raise ValueError(f"token logits must be a float tensor (B, L, N), got {logits.dtype} {tuple(logits.shape)}")
+    batch, height, width = labels.shape
+    if height % patch_size or width % patch_size or logits.shape[:2] != (batch, height * width // patch_size**2):
+        raise ValueError(f"token logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} "
+                         f"in patches of {patch_size} x {patch_size}")
+    valid = check_labels(labels, logits.shape[-1])
+    grid = (batch, height // patch_size, patch_size, width // patch_size, patch_size)
+    # (B, H, W) -> (B, L, p^2): the patches in the row-major token order of the model
+    patches = labels.view(grid).permute(0, 1, 3, 2, 4).reshape(batch, -1, patch_size**2)
+    in_patch = valid.view(grid).permute(0, 1, 3, 2, 4).reshape(batch, -1, patch_size**2)
+    counts = torch.zeros_like(logits, dtype=torch.float32)  # (B, L, N)
+    counts.scatter_add_(2, torch.where(in_patch, patches, 0), in_patch.float())
+    total = counts.sum(-1)  # (B, L): valid pixels per patch
+    kept = total > 0
+    share = counts / total.clamp_min(1)[..., None]  # q (B, L, N)
+    per_token = -(share * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B, L)
+    loss = per_token[kept].sum() / kept.sum().clamp_min(1)
+    return LossOutput(loss, {"loss_token": loss.item()})

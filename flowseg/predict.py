@@ -43,11 +43,13 @@ from flowseg.visualize import confidence_image, overlay, save_label_png, save_rg
 
 def build_network(config: Config, num_classes: int) -> tuple[nn.Module, CategoryEncoding | None]:
     """The model a config describes, and its category encoding (None for the discriminative twin)."""
+    token_classes = num_classes if config.model.token_loss_weight > 0 else None
     if config.model.kind == "discriminative":
-        return build_model("discriminative", config.model.size, num_classes=num_classes), None
+        return build_model("discriminative", config.model.size, num_classes=num_classes,
+                           token_classes=token_classes), None
     encoding = build_encoding(config.model.encoding, num_classes, config.model.dim, seed=config.train.seed)
     model = build_model("flow", config.model.size, dim=encoding.dim,
-                        image_conditioning=config.model.image_conditioning)
+                        image_conditioning=config.model.image_conditioning, token_classes=token_classes)
     return model, encoding
 
 

@@ -48,7 +48,7 @@ from flowseg.encoding import CategoryEncoding
 from flowseg.evaluate import evaluate_dataset, load_split
 from flowseg.metrics import SegmentationMetrics
 from flowseg.models.pixnerd import load_pixnerd_checkpoint
-from flowseg.objective import FlowMatchingObjective, LossOutput, discriminative_loss
+from flowseg.objective import FlowMatchingObjective, LossOutput, discriminative_loss, token_classification_loss
 from flowseg.predict import Segmenter, build_network
 
 log = logging.getLogger("flowseg.train")
@@ -294,11 +294,26 @@ class Trainer:
     def _micro_loss(self, batch: dict, progress: float, generator: torch.Generator) -> LossOutput:
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
+        token_weight = self.config.model.token_loss_weight
+        token_logits = []  # the token head's output of the one forward pass, when the model has one
+
+        def network(*inputs: torch.Tensor) -> torch.Tensor:
+            if not token_weight:
+                return self._finite(self.network(*inputs).float())
+            output, logits = self.network(*inputs, return_token_logits=True)
+            token_logits.append(logits)
+            return self._finite(output.float())
+
         with autocast(self.device, self.config.train.precision):
             if self.objective is None:
-                return discriminative_loss(self._finite(self.network(image).float()), label)
-            return self.objective(lambda x, t, img: self._finite(self.network(x, t, img).float()), image, label,
-                                  progress=progress, generator=generator)
+                main = discriminative_loss(network(image), label)
+            else:
+                main = self.objective(network, image, label, progress=progress, generator=generator)
+            if not token_weight:
+                return main
+            (logits,) = token_logits
+            token = token_classification_loss(self._finite(logits.float()), label, self.model.size.patch_size)
+        return LossOutput(main.loss + token_weight * token.loss, {**main.metrics, **token.metrics})
 
     def _train_step(self, batches: Iterator[dict], progress: float) -> dict:
         config, accum = self.config, self.config.train.grad_accum

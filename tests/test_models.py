@@ -316,6 +316,31 @@ def test_registry_sizes_have_valid_heads():
 # bad input
 
 
+def test_token_head_classifies_each_patch_token_and_leaves_the_rest_of_the_model_alone():
+    torch.manual_seed(0)
+    plain = PixelFieldTransformer("T/8", dim=3)
+    torch.manual_seed(0)
+    headed = PixelFieldTransformer("T/8", dim=3, token_classes=5)
+    plain_state, headed_state = plain.state_dict(), headed.state_dict()
+    assert sorted(set(headed_state) - set(plain_state)) == ["token_head.bias", "token_head.weight"]
+    assert all(torch.equal(plain_state[name], headed_state[name]) for name in plain_state)
+
+    randomise_zero_inits(headed)
+    x_t, image, t = torch.randn(2, 3, 16, 24), torch.randn(2, 3, 16, 24), torch.rand(2)
+    out, logits = headed(x_t, t, image, return_token_logits=True)
+    assert logits.shape == (2, 2 * 3, 5)  # a (2, 3) grid of 8 x 8 patches
+    torch.testing.assert_close(out, headed(x_t, t, image))
+    # the head reads the trunk's tokens; the field's output does not depend on it
+    logits.square().sum().backward()
+    assert headed.field.out.weight.grad is None and headed.token_head.weight.grad.abs().sum() > 0
+    twin = DiscriminativeFieldTransformer("T/8", num_classes=4, token_classes=4)
+    assert twin(torch.randn(1, 3, 16, 16), return_token_logits=True)[1].shape == (1, 4, 4)
+    with pytest.raises(ValueError, match="needs a model built with token_classes"):
+        plain(x_t, t, image, return_token_logits=True)
+    with pytest.raises(ValueError, match="token_classes must be an integer >= 2 or None, got 1"):
+        build_model("flow", "T/8", dim=3, token_classes=1)
+
+
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="unknown model size 'Z/3'"):
         PixelFieldTransformer("Z/3", dim=3)

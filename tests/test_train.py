@@ -10,7 +10,7 @@ import torch
 from flowseg.checkpoint import list_checkpoints, load_train_state, load_weights
 from flowseg.config import OptimConfig, load_config
 from flowseg.data import build_dataset
-from flowseg.predict import build_network
+from flowseg.predict import build_network, load_segmenter
 from flowseg.train import ExponentialMovingAverage, KeyedSamples, StepBatches, TrainingDiverged, learning_rate, train
 
 TINY = ["data.name=shapes", "data.image_size=16", "data.augment=null", "data.options.length=12",
@@ -130,6 +130,20 @@ def test_twin_learns_a_small_training_set(tmp_path):
             losses.append(record["loss"])
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     assert result.validation.pixel_accuracy > 0.8
+
+
+@pytest.mark.parametrize("kind", ["flow", "discriminative"])
+def test_the_token_loss_joins_the_training_loss_and_its_head_travels_with_the_checkpoint(tmp_path, kind):
+    config = tiny_config(tmp_path, f"model.kind={kind}", "model.token_loss_weight=0.5")
+    result = train(config, datasets=tiny_datasets())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]
+    main = "loss_fm" if kind == "flow" else "loss_ce"
+    assert all(0 < r["loss_token"] < 10 for r in steps)
+    if kind == "discriminative":  # the flow loss's own parts are not logged; the twin's one term is
+        assert all(r["loss"] == pytest.approx(r[main] + 0.5 * r["loss_token"], rel=1e-5) for r in steps)
+    segmenter, _ = load_segmenter(result.checkpoint)
+    assert segmenter.model.token_head.out_features == 7
 
 
 class Killed(Exception):

@@ -1,10 +1,13 @@
 """The plan: which training runs each experiment needs, as config overrides of one base run.
 
 Every run is the base configuration (the dataset's shipped config, the preset's model, image size
-and budget, and the objective with the library's defaults, flowseg.objective.ObjectiveConfig())
-plus the overrides of one variant. An objective ablation compares values of one ObjectiveConfig field;
-the row whose value is the default is the reference run itself, so when a default changes the plan
-follows it. Experiments share runs: the ablations' default rows, the encodings' "kronecker" row and
+and budget, no token loss, and the objective with the library's defaults,
+flowseg.objective.ObjectiveConfig()) plus the overrides of one variant. The token loss
+(model.token_loss_weight, on in the mnist-seg config) is switched off because these experiments
+measure the paper's objectives, and the auxiliary loss would act on every variant alike. An
+objective ablation compares values of one ObjectiveConfig field; the row whose value is the
+default is the reference run itself, so when a default changes the plan follows it. Experiments
+share runs: the ablations' default rows, the encodings' "kronecker" row and
 the flow side of generative-vs-discriminative are all the variant "reshaped" at the ablation budget,
 and when the ablation budget equals the convergence budget that is also the convergence run. A run's
 key hashes its complete override list, so two experiments asking for the same configuration get the
@@ -57,6 +60,7 @@ class RunSpec:
             f"optim.lr={p.lr}", f"optim.warmup_steps={b.warmup_steps}", "optim.weight_decay=0.0",
             "optim.ema_decay=0.999", "data.num_workers=0",
             f"eval.steps={p.eval_steps}", "eval.sampler=euler", "eval.inference=resize", "eval.batch_size=16",
+            "model.token_loss_weight=0.0",
         ]
         if self.data_root is not None:
             base.append(f"data.root={self.data_root}")

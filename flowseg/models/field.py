@@ -5,6 +5,8 @@
     trunk   s_{l+1} = TrunkBlock(s_l, c)                     adaLN-Zero DiT blocks, 2-D RoPE
     field   per patch token s = SiLU(s_L + e_t) and each of its query pixels (i, j):
             h_0 = W_in [u(i, j), DCT(i, j)],  h_{k+1} = FieldBlock_k(h_k; s),  out = W_out RMSNorm(h_K)
+    tokens  optional token head (token_classes = N): z_l = W_tok s_L,l, N class logits per patch token,
+            trained by an auxiliary loss (objective.token_classification_loss) and unused when sampling
 
 query_scale = qs: the inputs come at the query resolution (H, W). The trunk sees them area-downsampled
 by qs, so each token covers a (p qs) x (p qs) block of query pixels; the field decoder evaluates every
@@ -170,7 +172,7 @@ def _check_image_like(name: str, x: object, channels: int, batch: int | None = N
 class FieldTransformerBase(nn.Module):
     """Patch embedding, time embedding, trunk and field decoder over a generic input u (B, c_in, H, W)."""
 
-    def __init__(self, size: str | ModelSize, in_channels: int, out_channels: int):
+    def __init__(self, size: str | ModelSize, in_channels: int, out_channels: int, token_classes: int | None = None):
         super().__init__()
         self.size = resolve_size(size)
         width, patch = self.size.width, self.size.patch_size
@@ -184,9 +186,23 @@ class FieldTransformerBase(nn.Module):
         init_time_embedding(self.time_embed)
         init_adaln_zero(self.trunk)
         init_output_zero(self.field)
+        # built last, so a seed gives the same trunk and field whether or not the head is there
+        self.token_classes = token_classes
+        if token_classes is not None:
+            if isinstance(token_classes, bool) or not isinstance(token_classes, int) or token_classes < 2:
+                raise ValueError(f"token_classes must be an integer >= 2 or None, got {token_classes!r}")
+            self.token_head = nn.Linear(width, token_classes)
+            init_linear_xavier(self.token_head)
 
-    def evaluate(self, inputs: Tensor, t: Tensor, query_scale: int = 1) -> Tensor:
-        """u (B, c_in, H, W), t (B,) -> (B, c_out, H, W); see the module docstring for query_scale."""
+    def evaluate(self, inputs: Tensor, t: Tensor, query_scale: int = 1,
+                 return_token_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """u (B, c_in, H, W), t (B,) -> (B, c_out, H, W); see the module docstring for query_scale.
+
+        With return_token_logits also the token head's logits (B, L, N), L = grid_h * grid_w patches in
+        row-major order (the model must have been built with token_classes).
+        """
+        if return_token_logits and self.token_classes is None:
+            raise ValueError("return_token_logits needs a model built with token_classes")
         if isinstance(query_scale, bool) or not isinstance(query_scale, int) or query_scale < 1:
             raise ValueError(f"query_scale must be an integer >= 1, got {query_scale!r}")
         batch, _, height, width = inputs.shape
@@ -205,11 +221,13 @@ class FieldTransformerBase(nn.Module):
         rope = tuple(a.to(tokens.dtype) for a in rope_2d_angles(grid_h, grid_w, head_dim, device=inputs.device))
         for block in self.trunk:
             tokens = block(tokens, condition, rope)
+        token_logits = self.token_head(tokens) if return_token_logits else None  # (B, L, N)
         # the field's weights come from the token; adding e_t lets them depend on t directly too
         tokens = F.silu(tokens + time[:, None])  # (B, L, C)
         pixels = patchify(inputs, side).transpose(-1, -2)  # (B, L, Q, c_in)
         out = self.field(tokens.flatten(0, 1), pixels.flatten(0, 1))  # (M, Q, c_out)
-        return unpatchify(out.view(batch, grid_h * grid_w, *out.shape[1:]), grid_h, grid_w)
+        out = unpatchify(out.view(batch, grid_h * grid_w, *out.shape[1:]), grid_h, grid_w)  # (B, c_out, H, W)
+        return (out, token_logits) if return_token_logits else out
 
 
 class PixelFieldTransformer(FieldTransformerBase):
@@ -219,14 +237,16 @@ class PixelFieldTransformer(FieldTransformerBase):
     embedding and the per-pixel field input; without it u = x_t, as in PixNerd, and image is ignored.
     """
 
-    def __init__(self, size: str | ModelSize, dim: int, image_conditioning: bool = True):
+    def __init__(self, size: str | ModelSize, dim: int, image_conditioning: bool = True,
+                 token_classes: int | None = None):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim (the encoding dimension d) must be a positive integer, got {dim!r}")
-        super().__init__(size, dim + IMAGE_CHANNELS * image_conditioning, dim)
+        super().__init__(size, dim + IMAGE_CHANNELS * image_conditioning, dim, token_classes)
         self.dim = dim
         self.image_conditioning = image_conditioning
 
-    def forward(self, x_t: Tensor, t: Tensor, image: Tensor | None = None, query_scale: int = 1) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, image: Tensor | None = None, query_scale: int = 1,
+                return_token_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         _check_image_like("x_t", x_t, self.dim)
         batch = x_t.shape[0]
         if not isinstance(t, Tensor):
@@ -245,7 +265,7 @@ class PixelFieldTransformer(FieldTransformerBase):
                     f"image {tuple(image.shape[2:])} and x_t {tuple(x_t.shape[2:])} must have the same H, W"
                 )
             inputs = torch.cat([x_t, image.to(x_t.dtype)], dim=1)  # (B, d + 3, H, W)
-        return self.evaluate(inputs, t, query_scale)
+        return self.evaluate(inputs, t, query_scale, return_token_logits)
 
 
 class DiscriminativeFieldTransformer(FieldTransformerBase):
@@ -255,16 +275,17 @@ class DiscriminativeFieldTransformer(FieldTransformerBase):
     vector, and parameter count and compute equal the flow model's up to the input/output channels.
     """
 
-    def __init__(self, size: str | ModelSize, num_classes: int):
+    def __init__(self, size: str | ModelSize, num_classes: int, token_classes: int | None = None):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        super().__init__(size, IMAGE_CHANNELS, num_classes)
+        super().__init__(size, IMAGE_CHANNELS, num_classes, token_classes)
         self.num_classes = num_classes
 
-    def forward(self, image: Tensor, query_scale: int = 1) -> Tensor:
+    def forward(self, image: Tensor, query_scale: int = 1,
+                return_token_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         _check_image_like("image", image, IMAGE_CHANNELS)
         t = torch.zeros(image.shape[0], device=image.device)
-        return self.evaluate(image, t, query_scale)
+        return self.evaluate(image, t, query_scale, return_token_logits)
 
 
 def build_model(
@@ -273,14 +294,16 @@ def build_model(
     dim: int | None = None,
     num_classes: int | None = None,
     image_conditioning: bool = True,
+    token_classes: int | None = None,
 ) -> FieldTransformerBase:
-    """The velocity model (kind="flow", needs dim) or its discriminative twin (needs num_classes)."""
+    """The velocity model (kind="flow", needs dim) or its discriminative twin (needs num_classes);
+    token_classes = N adds the token head (N logits per patch token) to either."""
     if kind == "flow":
         if dim is None:
             raise ValueError("build_model('flow', ...) needs dim, the encoding dimension d")
-        return PixelFieldTransformer(size, dim, image_conditioning)
+        return PixelFieldTransformer(size, dim, image_conditioning, token_classes)
     if kind == "discriminative":
         if num_classes is None:
             raise ValueError("build_model('discriminative', ...) needs num_classes")
-        return DiscriminativeFieldTransformer(size, num_classes)
+        return DiscriminativeFieldTransformer(size, num_classes, token_classes)
     raise ValueError(f"unknown model kind {kind!r}; expected 'flow' or 'discriminative'")
