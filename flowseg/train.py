@@ -35,7 +35,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flowseg.checkpoint import (
     CHECKPOINTS_DIR, ensure_writable_dir, fit_state_dict, latest_checkpoint, load_train_state, load_weights,
@@ -195,6 +194,16 @@ class MetricsLog:
             self.writer.close()
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Console lines through tqdm.write, so they print above a progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's own convention: a failing handler must not stop the program
+            self.handleError(record)
+
+
 def _configure_logging(run_dir: Path, is_main: bool) -> None:
     log.setLevel(logging.DEBUG if is_main else logging.WARNING)
     log.propagate = False
@@ -205,7 +214,7 @@ def _configure_logging(run_dir: Path, is_main: bool) -> None:
         return
     file_handler = logging.FileHandler(run_dir / "train.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    stream_handler = logging.StreamHandler()
+    stream_handler = _ConsoleHandler()
     stream_handler.setLevel(logging.INFO)  # per-step lines (DEBUG) go to the file only
     stream_handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(file_handler)
@@ -396,7 +405,7 @@ class Trainer:
         # a resumed run already holds the checkpoint of the step it starts at (a finished run: its final one)
         saved_at = self.step if self.last_checkpoint is not None else -1
         validation, validated_at = None, -1
-        with bar or nullcontext(), logging_redirect_tqdm([log]) if bar else nullcontext():
+        with bar or nullcontext():
             while True:
                 # rank 0's clock decides, so a time budget stops every rank at the same step
                 elapsed = broadcast_float(time.monotonic() - started, self.device)

@@ -117,6 +117,15 @@ def test_a_run_writes_config_logs_metrics_and_checkpoints(tmp_path):
     assert "stopped by the steps budget" in (run / "train.log").read_text()
 
 
+def test_per_step_lines_go_to_the_log_file_only_also_beside_a_progress_bar(tmp_path, capsys):
+    train(tiny_config(tmp_path, "train.progress=true"), datasets=tiny_datasets())
+    console = capsys.readouterr()
+    log_file = (tmp_path / "run" / "train.log").read_text()
+    assert "'kind': 'train'" in log_file and "stopped by the steps budget" in log_file
+    assert "'kind': 'train'" not in console.out + console.err
+    assert "stopped by the steps budget" in console.err
+
+
 def test_twin_learns_a_small_training_set(tmp_path):
     """The loop optimises: the discriminative twin fits 4 shapes images far better than at the start."""
     config = tiny_config(tmp_path, "model.kind=discriminative", "train.steps=40", "train.ckpt_every=0",
