@@ -90,17 +90,35 @@ def save_label_png(labels: Tensor | np.ndarray, palette: np.ndarray, path: str |
     write_atomically(path, _png_bytes(picture))
 
 
+LOSS_TERMS = {"loss": "total", "loss_fm": "flow matching ||v - v*||^2", "loss_ce": "cross-entropy",
+              "loss_token": "token loss (unweighted)"}
+
+
+def loss_series(records: Iterable[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """{label: (steps, values)} of each logged loss term (LOSS_TERMS) with finite positive values."""
+    train = [r for r in records if r.get("kind") == "train"]
+    series = {}
+    for key, label in LOSS_TERMS.items():
+        points = [(r["step"], r[key]) for r in train if 0 < r.get(key, math.nan) < math.inf]
+        if points:
+            series[label] = ([step for step, _ in points], [value for _, value in points])
+    return series
+
+
 def plot_training_curves(records: Iterable[dict], path: str | Path) -> None:
-    """Training loss and validation mIoU against the step, from metrics.jsonl records."""
+    """Training losses (total and its logged terms) and validation mIoU against the step, from
+    metrics.jsonl records."""
     records = list(records)
-    train = [r for r in records if r.get("kind") == "train" and math.isfinite(r.get("loss", math.nan))]
     val = [r for r in records if r.get("kind") == "val"]
     figure = Figure(figsize=(9, 3.5), dpi=100)
     FigureCanvasAgg(figure)
     loss_axes, miou_axes = figure.subplots(1, 2)
-    loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-    loss_axes.set(xlabel="step", ylabel="training loss", yscale="log" if train else "linear",
-                  title="loss")
+    series = loss_series(records)
+    for label, (steps, values) in series.items():
+        loss_axes.plot(steps, values, lw=1, label=label)
+    loss_axes.set(xlabel="step", ylabel="training loss", yscale="log" if series else "linear", title="loss")
+    if len(series) > 1:
+        loss_axes.legend(fontsize=7)
     miou_axes.plot([r["step"] for r in val], [r["miou"] for r in val], marker="o")
     miou_axes.set(xlabel="step", ylabel="mIoU", ylim=(0, 1), title="validation mIoU")
     for axes in (loss_axes, miou_axes):

