@@ -5,13 +5,13 @@ and budget, no token loss, and the objective with the library's defaults,
 flowseg.objective.ObjectiveConfig()) plus the overrides of one variant. The token loss
 (model.token_loss_weight, on in the mnist-seg config) is switched off because these experiments
 measure the paper's objectives, and the auxiliary loss would act on every variant alike. An
-objective ablation compares values of one ObjectiveConfig field; the row whose value is the
-default is the reference run itself, so when a default changes the plan follows it. Experiments
-share runs: the ablations' default rows, the encodings' "kronecker" row and
-the flow side of generative-vs-discriminative are all the variant "reshaped" at the ablation budget,
-and when the ablation budget equals the convergence budget that is also the convergence run. A run's
-key hashes its complete override list, so two experiments asking for the same configuration get the
-same run, and changing a budget gives a new run rather than reusing a stale one.
+objective ablation compares values of one ObjectiveConfig field; the row whose value is the default
+is the reference run itself, so when a default changes the plan follows it. Experiments share runs:
+the ablations' default rows, the encodings' "kronecker" row and the flow side of generative-vs-
+discriminative are all the variant "reshaped" at the ablation budget, and when the ablation budget
+equals the convergence budget that is also the convergence run. A run's key hashes its complete
+override list, so two experiments asking for the same configuration get the same run, and changing a
+budget gives a new run rather than reusing a stale one.
 """
 
 from __future__ import annotations
