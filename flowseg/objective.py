@@ -30,6 +30,7 @@ from flowseg.flow import (
     PARAMETERIZATIONS, T_SCHEMES, image_to_x0, interpolate, sample_t, target_velocity, to_clean_estimate,
     to_velocity,
 )
+from flowseg.models.field import patchify
 
 Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, image) -> output (B, d, H, W): v or x1_hat
 KINDS = ("vanilla", "reshaped")
@@ -353,10 +354,9 @@ def token_classification_loss(logits: Tensor, labels: Tensor, patch_size: int) -
         raise ValueError(f"token logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} "
                          f"in patches of {patch_size} x {patch_size}")
     valid = check_labels(labels, logits.shape[-1])
-    grid = (batch, height // patch_size, patch_size, width // patch_size, patch_size)
-    # (B, H, W) -> (B, L, p^2): the patches in the row-major token order of the model
-    patches = labels.view(grid).permute(0, 1, 3, 2, 4).reshape(batch, -1, patch_size**2)
-    in_patch = valid.view(grid).permute(0, 1, 3, 2, 4).reshape(batch, -1, patch_size**2)
+    # (B, H, W) -> (B, L, p^2) with the model's own patchify, so patch l is token l
+    patches = patchify(labels[:, None], patch_size)[:, :, 0]
+    in_patch = patchify(valid[:, None], patch_size)[:, :, 0]
     counts = torch.zeros_like(logits, dtype=torch.float32)  # (B, L, N)
     counts.scatter_add_(2, torch.where(in_patch, patches, 0), in_patch.float())
     total = counts.sum(-1)  # (B, L): valid pixels per patch
