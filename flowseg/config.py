@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from flowseg.distributed import DEVICES, PRECISIONS
+from flowseg.models.field import STEMS
 from flowseg.objective import ObjectiveConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -62,6 +63,7 @@ class ModelConfig:
     encoding: str = "kronecker"      # category encoding mu_k (flow models only)
     dim: Optional[int] = None        # encoding dimension d; None = the encoding's default
     image_conditioning: bool = True  # feed the image I as extra input channels
+    stem: str = "patch"              # tokens from "patch" (PixNerd's linear patch embedding) or "conv" (3x3 convolutions)
     pretrained: Optional[str] = None # a PixNerd checkpoint file to initialise the trunk from
     # > 0: a token head classifies each patch token from the trunk, and weight x its cross-entropy
     # against the patch's label histogram joins the training loss (unused when sampling)
@@ -69,6 +71,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("model", "kind", self.kind, ("flow", "discriminative"))
+        _check_choice("model", "stem", self.stem, STEMS)
         _check_positive("model", "dim", self.dim)
         _check_positive("model", "token_loss_weight", self.token_loss_weight, allow_zero=True)
 

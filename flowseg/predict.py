@@ -46,10 +46,11 @@ def build_network(config: Config, num_classes: int) -> tuple[nn.Module, Category
     token_classes = num_classes if config.model.token_loss_weight > 0 else None
     if config.model.kind == "discriminative":
         return build_model("discriminative", config.model.size, num_classes=num_classes,
-                           token_classes=token_classes), None
+                           token_classes=token_classes, stem=config.model.stem), None
     encoding = build_encoding(config.model.encoding, num_classes, config.model.dim, seed=config.train.seed)
     model = build_model("flow", config.model.size, dim=encoding.dim,
-                        image_conditioning=config.model.image_conditioning, token_classes=token_classes)
+                        image_conditioning=config.model.image_conditioning, token_classes=token_classes,
+                        stem=config.model.stem)
     return model, encoding
 
 

@@ -67,6 +67,7 @@ def test_wrong_type_names_the_key_and_value():
     ("optim.ema_decay=1.0", r"optim\.ema_decay must lie in \[0, 1\)"),
     ("model.kind=gan", r"model\.kind must be one of \('flow', 'discriminative'\), got 'gan'"),
     ("eval.sampler=rk4", r"eval\.sampler must be one of"),
+    ("model.stem=mlp", r"model\.stem must be one of \('patch', 'conv'\), got 'mlp'"),
     ("eval.sweep=[]", r"eval\.sweep must be a non-empty list"),
     ("objective.kind=other", r"kind must be one of \('vanilla', 'reshaped'\)"),
     ("train.grad_accum=3", r"batch_size \(32\) must be divisible by train\.grad_accum \(3\)"),

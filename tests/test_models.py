@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from flowseg.models import SIZES, DiscriminativeFieldTransformer, PixelFieldTransformer, build_model
-from flowseg.models.field import NeuralFieldDecoder, patchify, unpatchify
+from flowseg.models.field import ConvStem, NeuralFieldDecoder, patchify, unpatchify
 from flowseg.models.layers import (
     FieldBlock,
     TrunkBlock,
@@ -416,3 +416,49 @@ def test_tiny_model_overfits_one_batch():
             if error < 0.05:
                 break
     assert error < 0.05, f"pixel error {error:.3f} after {step} steps"
+
+
+# ---------------------------------------------------------------------------------------------
+# the convolutional stem
+
+
+def test_conv_stem_token_grid_is_the_patch_grid_in_row_major_order():
+    """T/4's stem: two 3x3 layers at full resolution (+-1 pixel each), then two stride-2 3x3 stages,
+    so token (u, v) reads input rows 4u - 5 .. 4u + 5 and columns 4v - 5 .. 4v + 5, and one input
+    pixel reaches exactly the tokens whose window holds it."""
+    torch.manual_seed(0)
+    stem = ConvStem(in_channels=6, width=32, patch_size=4)
+    inputs = torch.randn(1, 6, 16, 24)
+    before = stem(inputs)
+    assert before.shape == (1, 4 * 6, 32)  # (B, L, C): a 4 x 6 token grid
+    moved = inputs.clone()
+    moved[0, :, 7, 11] += 1.0  # the bottom-right pixel of patch (1, 2)
+    changed = ((stem(moved) - before).abs().amax(-1) > 0).view(4, 6)
+    rows, cols = torch.arange(4)[:, None], torch.arange(6)[None, :]
+    expected = ((4 * rows - 5 <= 7) & (7 <= 4 * rows + 5)) & ((4 * cols - 5 <= 11) & (11 <= 4 * cols + 5))
+    assert torch.equal(changed, expected)
+    assert expected.nonzero().tolist() == [[r, c] for r in (1, 2, 3) for c in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("kind", ["flow", "discriminative"])
+def test_conv_stem_model_trains_every_parameter_and_keeps_the_field(kind):
+    torch.manual_seed(0)
+    if kind == "flow":
+        model = build_model("flow", "T/4", dim=3, stem="conv")
+        run = lambda: model(torch.randn(2, 3, 16, 24), torch.rand(2), torch.randn(2, 3, 16, 24))  # noqa: E731
+    else:
+        model = build_model("discriminative", "T/4", num_classes=5, stem="conv")
+        run = lambda: model(torch.randn(2, 3, 16, 24))  # noqa: E731
+    assert not hasattr(model, "patch_embed") and model.stem == "conv"
+    randomise_zero_inits(model)
+    out = run()
+    assert out.shape[-2:] == (16, 24) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_conv_stem_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"unknown stem 'mlp'; expected one of \('patch', 'conv'\)"):
+        build_model("flow", "T/4", dim=3, stem="mlp")
+    with pytest.raises(ValueError, match="power-of-two patch size >= 2, got 6"):
+        ConvStem(in_channels=3, width=32, patch_size=6)

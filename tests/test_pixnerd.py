@@ -270,3 +270,23 @@ def test_bad_files_and_models(tmp_path):
         load_pixnerd_checkpoint(torch.nn.Linear(2, 2), path)
     with pytest.raises(ValueError, match="no PixNerd state dict exists"):
         pixnerd_state_dict(PixelFieldTransformer(TINY, 3))
+
+
+def test_conv_stem_model_takes_everything_but_the_patch_embedding(tmp_path):
+    """PixNerd has no convolutional stem: its patch embedding is unexpected, the stem stays at init,
+    and strict loading says both."""
+    state = tiny_pixnerd_state()
+    path = lightning_file(tmp_path, state)
+    with pytest.raises(ValueError, match=r"unexpected checkpoint key\(s\): \['s_embedder.proj.weight', "
+                                         r"'s_embedder.proj.bias'\]") as error:
+        load_pixnerd_checkpoint(PixelFieldTransformer(TINY, 3, image_conditioning=False, stem="conv"), path)
+    assert "conv_stem.layers.0.weight" in str(error.value)
+    model = PixelFieldTransformer(TINY, 3, image_conditioning=False, stem="conv")
+    initial = model.conv_stem.layers[0].weight.clone()
+    report = load_pixnerd_checkpoint(model, path, strict=False)
+    assert sorted(report.unexpected) == ["s_embedder.proj.bias", "s_embedder.proj.weight"]
+    assert report.missing and all(name.startswith("conv_stem.") for name in report.missing)
+    assert torch.equal(model.conv_stem.layers[0].weight, initial)
+    assert torch.equal(model.trunk[0].attn.proj.bias, state["blocks.0.attn.proj.bias"])
+    with pytest.raises(ValueError, match="the 'conv' stem has no PixNerd state dict"):
+        pixnerd_state_dict(model)

@@ -155,6 +155,15 @@ def test_the_token_loss_joins_the_training_loss_and_its_head_travels_with_the_ch
     assert segmenter.model.token_head.out_features == 7
 
 
+def test_a_conv_stem_run_saves_a_checkpoint_that_eval_and_predict_rebuild(tmp_path):
+    config = tiny_config(tmp_path, "model.stem=conv")
+    result = train(config, datasets=tiny_datasets())
+    segmenter, _ = load_segmenter(result.checkpoint)  # strict key matching: the stem must be rebuilt
+    assert segmenter.model.stem == "conv" and not hasattr(segmenter.model, "patch_embed")
+    saved = load_weights(result.checkpoint, "ema")
+    assert torch.equal(segmenter.model.conv_stem.layers[0].weight, saved["conv_stem.layers.0.weight"])
+
+
 class Killed(Exception):
     pass
 

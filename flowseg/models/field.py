@@ -1,6 +1,7 @@
 """The pixel neural-field transformer (PixNerd-style) and its discriminative twin.
 
     tokens  s_0 = W_patch patchify(avgpool_qs(u)) + b       u = [x_t, I]: network input (B, c_in, H, W)
+            (or s_0 = ConvStem(avgpool_qs(u)), stem="conv": 3x3 convolutions down to the same patch grid)
     time    e_t = MLP(sinusoid(t)),  c = SiLU(e_t)
     trunk   s_{l+1} = TrunkBlock(s_l, c)                     adaLN-Zero DiT blocks, 2-D RoPE
     field   per patch token s = SiLU(s_L + e_t) and each of its query pixels (i, j):
@@ -91,6 +92,49 @@ def unpatchify(patches: Tensor, grid_h: int, grid_w: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# token stems
+
+STEMS = ("patch", "conv")
+
+
+class ConvStem(nn.Module):
+    """Tokens from 3x3 convolutions instead of one linear map per patch:
+
+        s_0 = W_1x1 (SiLU o Conv3x3_s2)^k (SiLU o Conv3x3)^2 (u),   k = log2(p) stride-2 stages
+
+    with 32 channels at full resolution and in the first stage, doubling at every later stage (capped
+    at C). The (H/p, W/p) output grid is the patch grid, so token l still stands for patch l; it also
+    sees a few pixels beyond its patch. The convolutions bring the locality prior that a linear patch embedding lacks
+    and that a small model trained for minutes cannot learn from attention alone (docs/model.md,
+    "Convolutional stem": 0.72 against 0.65 val mIoU after 2000 mnist-seg steps).
+    """
+
+    full_resolution_layers = 2
+    base_channels = 32
+
+    def __init__(self, in_channels: int, width: int, patch_size: int):
+        super().__init__()
+        stages = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**stages != patch_size:
+            raise ValueError(f"the conv stem needs a power-of-two patch size >= 2, got {patch_size}")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(self.full_resolution_layers):
+            layers += [nn.Conv2d(channels, self.base_channels, 3, padding=1), nn.SiLU()]
+            channels = self.base_channels
+        for stage in range(stages):
+            out = min(self.base_channels * 2**stage, width)
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.SiLU()]
+            channels = out
+        layers.append(nn.Conv2d(channels, width, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """u (B, c_in, H, W) -> tokens (B, L, C), L = (H / p)(W / p) in row-major order."""
+        return self.layers(inputs).flatten(2).transpose(1, 2)  # (B, C, H/p, W/p) -> (B, L, C)
+
+
+# ---------------------------------------------------------------------------------------------
 # the field decoder
 
 
@@ -172,11 +216,18 @@ def _check_image_like(name: str, x: object, channels: int, batch: int | None = N
 class FieldTransformerBase(nn.Module):
     """Patch embedding, time embedding, trunk and field decoder over a generic input u (B, c_in, H, W)."""
 
-    def __init__(self, size: str | ModelSize, in_channels: int, out_channels: int, token_classes: int | None = None):
+    def __init__(self, size: str | ModelSize, in_channels: int, out_channels: int, token_classes: int | None = None,
+                 stem: str = "patch"):
         super().__init__()
         self.size = resolve_size(size)
         width, patch = self.size.width, self.size.patch_size
-        self.patch_embed = nn.Linear(in_channels * patch * patch, width)
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
+        self.stem = stem
+        if stem == "patch":
+            self.patch_embed = nn.Linear(in_channels * patch * patch, width)
+        else:
+            self.conv_stem = ConvStem(in_channels, width, patch)
         self.time_embed = TimestepEmbedder(width)
         self.trunk = nn.ModuleList(
             TrunkBlock(width, self.size.heads, self.size.mlp_ratio) for _ in range(self.size.depth)
@@ -214,7 +265,10 @@ class FieldTransformerBase(nn.Module):
             )
         grid_h, grid_w = height // side, width // side
         coarse = F.avg_pool2d(inputs, query_scale) if query_scale > 1 else inputs
-        tokens = self.patch_embed(patchify(coarse, self.size.patch_size).flatten(2))  # (B, L, C)
+        if self.stem == "patch":
+            tokens = self.patch_embed(patchify(coarse, self.size.patch_size).flatten(2))  # (B, L, C)
+        else:
+            tokens = self.conv_stem(coarse)  # (B, L, C)
         time = self.time_embed(t)  # (B, C)
         condition = F.silu(time)
         head_dim = self.size.width // self.size.heads
@@ -238,10 +292,10 @@ class PixelFieldTransformer(FieldTransformerBase):
     """
 
     def __init__(self, size: str | ModelSize, dim: int, image_conditioning: bool = True,
-                 token_classes: int | None = None):
+                 token_classes: int | None = None, stem: str = "patch"):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim (the encoding dimension d) must be a positive integer, got {dim!r}")
-        super().__init__(size, dim + IMAGE_CHANNELS * image_conditioning, dim, token_classes)
+        super().__init__(size, dim + IMAGE_CHANNELS * image_conditioning, dim, token_classes, stem)
         self.dim = dim
         self.image_conditioning = image_conditioning
 
@@ -275,10 +329,11 @@ class DiscriminativeFieldTransformer(FieldTransformerBase):
     vector, and parameter count and compute equal the flow model's up to the input/output channels.
     """
 
-    def __init__(self, size: str | ModelSize, num_classes: int, token_classes: int | None = None):
+    def __init__(self, size: str | ModelSize, num_classes: int, token_classes: int | None = None,
+                 stem: str = "patch"):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        super().__init__(size, IMAGE_CHANNELS, num_classes, token_classes)
+        super().__init__(size, IMAGE_CHANNELS, num_classes, token_classes, stem)
         self.num_classes = num_classes
 
     def forward(self, image: Tensor, query_scale: int = 1,
@@ -295,15 +350,16 @@ def build_model(
     num_classes: int | None = None,
     image_conditioning: bool = True,
     token_classes: int | None = None,
+    stem: str = "patch",
 ) -> FieldTransformerBase:
     """The velocity model (kind="flow", needs dim) or its discriminative twin (needs num_classes);
     token_classes = N adds the token head (N logits per patch token) to either."""
     if kind == "flow":
         if dim is None:
             raise ValueError("build_model('flow', ...) needs dim, the encoding dimension d")
-        return PixelFieldTransformer(size, dim, image_conditioning, token_classes)
+        return PixelFieldTransformer(size, dim, image_conditioning, token_classes, stem)
     if kind == "discriminative":
         if num_classes is None:
             raise ValueError("build_model('discriminative', ...) needs num_classes")
-        return DiscriminativeFieldTransformer(size, num_classes, token_classes)
+        return DiscriminativeFieldTransformer(size, num_classes, token_classes, stem)
     raise ValueError(f"unknown model kind {kind!r}; expected 'flow' or 'discriminative'")

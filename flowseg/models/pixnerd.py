@@ -182,7 +182,7 @@ def load_pixnerd_checkpoint(
         if key in SKIPPED_KEYS:
             report.skipped.append(key)
             continue
-        if key not in mapping:
+        if key not in mapping or mapping[key] not in ours:  # e.g. the patch embedding of a conv-stem model
             report.unexpected.append(key)
             continue
         name, target = mapping[key], ours[mapping[key]]
@@ -213,7 +213,11 @@ def load_pixnerd_checkpoint(
 
 def pixnerd_state_dict(model: FieldTransformerBase) -> dict[str, Tensor]:
     """The model's weights under PixNerd's names (the inverse of the loader), for models with PixNerd's
-    own channel layout: 3 input and 3 output channels (dim=3, image_conditioning=False)."""
+    own channel layout: 3 input and 3 output channels (dim=3, image_conditioning=False) and PixNerd's
+    patch embedding (stem "patch")."""
+    if model.stem != "patch":
+        raise ValueError(f"a model with the {model.stem!r} stem has no PixNerd state dict: PixNerd embeds "
+                         "patches with one linear layer (stem 'patch')")
     ours = model.state_dict()
     offending = [
         f"{name} {tuple(ours[name].shape)} (PixNerd: {layout.pixnerd_shape})"
