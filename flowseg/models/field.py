@@ -104,9 +104,9 @@ class ConvStem(nn.Module):
 
     with 32 channels at full resolution and in the first stage, doubling at every later stage (capped
     at C). The (H/p, W/p) output grid is the patch grid, so token l still stands for patch l; it also
-    sees a few pixels beyond its patch. The convolutions bring the locality prior that a linear patch embedding lacks
-    and that a small model trained for minutes cannot learn from attention alone (docs/model.md,
-    "Convolutional stem": 0.72 against 0.65 val mIoU after 2000 mnist-seg steps).
+    sees a few pixels beyond its patch. The convolutions bring the locality prior that a linear patch
+    embedding lacks and that a small model trained for minutes cannot learn from attention alone
+    (docs/model.md, "Convolutional stem": 0.72 against 0.65 val mIoU after 2000 mnist-seg steps).
     """
 
     full_resolution_layers = 2
@@ -214,7 +214,8 @@ def _check_image_like(name: str, x: object, channels: int, batch: int | None = N
 
 
 class FieldTransformerBase(nn.Module):
-    """Patch embedding, time embedding, trunk and field decoder over a generic input u (B, c_in, H, W)."""
+    """Token stem (patch embedding or ConvStem), time embedding, trunk and field decoder over a generic
+    input u (B, c_in, H, W)."""
 
     def __init__(self, size: str | ModelSize, in_channels: int, out_channels: int, token_classes: int | None = None,
                  stem: str = "patch"):

@@ -69,7 +69,8 @@ class LoadReport:
 
 
 def pixnerd_key_map(model: FieldTransformerBase) -> dict[str, str]:
-    """PixNerd parameter name -> our parameter name, for this model's depths."""
+    """PixNerd parameter name -> our parameter name, for this model's depths and the parameters it has
+    (a conv-stem model has no counterpart of PixNerd's patch embedding)."""
     depth, field_depth = model.size.depth, model.size.field_depth
     mapping = {}
     for theirs, ours in KEY_TABLE:
@@ -79,7 +80,8 @@ def pixnerd_key_map(model: FieldTransformerBase) -> dict[str, str]:
             mapping.update({theirs.format(j=depth + j): ours.format(j=j) for j in range(field_depth)})
         else:
             mapping[theirs] = ours
-    return mapping
+    present = model.state_dict().keys()
+    return {theirs: ours for theirs, ours in mapping.items() if ours in present}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def load_pixnerd_checkpoint(
         if key in SKIPPED_KEYS:
             report.skipped.append(key)
             continue
-        if key not in mapping or mapping[key] not in ours:  # e.g. the patch embedding of a conv-stem model
+        if key not in mapping:
             report.unexpected.append(key)
             continue
         name, target = mapping[key], ours[mapping[key]]
