@@ -18,6 +18,7 @@ from flowseg.experiments import plan
 from flowseg.experiments.plan import REFERENCE, ablation_groups, planned_runs, variants
 from flowseg.experiments.figures import COLOURS, curve_colours
 from flowseg.experiments.presets import Budget
+from flowseg.config import load_config
 from flowseg.data import build_dataset
 from flowseg.experiments.report import t_draws
 from flowseg.experiments.results import constant_prediction_miou, judge, mean_sd, steps_to_reach
@@ -226,6 +227,13 @@ def test_runs_are_shared_between_experiments_with_equal_budgets():
     assert len(keys) == len(set(keys))
     assert sum(f"/{REFERENCE}/" in key and key.startswith(micro.ablation_dataset) for key in keys) == 1
     assert len(planned_runs(shared)) == len(planned_runs(micro)) - 2  # vanilla and reshaped run once
+
+
+def test_every_run_measures_the_papers_network_whatever_the_dataset_config_sets():
+    # the mnist-seg config turns on the conv stem, the token loss and an 8-d code for the demo
+    for spec in planned_runs(get_preset("micro")):
+        model = load_config(spec.dataset, spec.overrides()).model
+        assert (model.stem, model.token_loss_weight, model.dim) == ("patch", 0.0, None), spec.key
 
 
 def test_bounded_correction_runs_only_at_the_convergence_budget():

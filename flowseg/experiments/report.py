@@ -519,7 +519,8 @@ class Page:
             f"- Model: {p.model_size} ({params / 1e6:.2f} M parameters), {p.image_size}x{p.image_size} images, "
             f"AdamW lr {p.lr:g} with warm-up and cosine decay, EMA 0.999, no augmentation (generated data is "
             f"endless), PixNerd's linear patch embedding (`model.stem=patch`), no token loss "
-            f"(`model.token_loss_weight=0`), {t_draws(ObjectiveConfig())}"
+            f"(`model.token_loss_weight=0`), each encoding at its default dimension (`model.dim=null`: d = 3 "
+            f"for the Kronecker code), {t_draws(ObjectiveConfig())}"
             if params else f"- Model: {p.model_size}",
             "- Evaluation: dataset-level mIoU from one confusion matrix (ignore label excluded), EMA weights, "
             f"{p.eval_steps} Euler steps unless stated.",
