@@ -11,7 +11,7 @@ import torch
 
 from flowseg.data import IGNORE_INDEX, build_dataset
 from flowseg.data import mnist_seg
-from flowseg.data.mnist_seg import boundary_band, load_mnist_digits, mnist_csv_path, split_indices
+from flowseg.data.mnist_seg import boundary_band, load_mnist_digits, mnist_csv_path, resized_digits, split_indices
 
 
 def test_decoded_digits_match_an_independent_parse_of_the_csv():
@@ -25,6 +25,17 @@ def test_decoded_digits_match_an_independent_parse_of_the_csv():
         assert np.array_equal(digits[index].ravel() * 255, np.array(row[:784], dtype=np.float32))
         assert labels[index] == int(row[784])
     assert load_mnist_digits() is load_mnist_digits(), "the decoded CSV is cached"
+
+
+@pytest.mark.parametrize("side", [4, 11, 19, 28])
+def test_the_glyph_table_holds_each_digit_resized_on_its_own(side):
+    digits = load_mnist_digits()[0]
+    table = resized_digits(side)
+    assert table.shape == (len(digits), side, side) and table.dtype == np.float32
+    for row in (0, 1234, len(digits) - 1):
+        alone = torch.nn.functional.interpolate(torch.from_numpy(digits[row])[None, None], size=(side, side),
+                                                mode="bilinear", align_corners=False, antialias=True)[0, 0]
+        np.testing.assert_array_equal(table[row], alone.numpy())
 
 
 def test_splits_are_disjoint_cover_the_digits_and_depend_only_on_split_seed():
