@@ -5,6 +5,7 @@ confidence maps and the training curves to one folder.
     OUT/run/                 the training run (config.yaml, train.log, metrics.jsonl, checkpoints/)
     OUT/test/                result.json, result.txt (mIoU, per-class IoU) on the test split
     OUT/predictions/         <name>_image.png, _truth.png, _labels.png, _overlay.png, _confidence.png
+    OUT/predictions.png      those pictures side by side, a row per test image
     OUT/training_curve.png   training loss and validation mIoU against the step
 
 The budget covers everything: training gets what is left after a reserve for the test evaluation
@@ -28,7 +29,8 @@ from flowseg.config import load_config
 from flowseg.evaluate import EvalReport, evaluate_checkpoint, load_split
 from flowseg.predict import load_segmenter
 from flowseg.train import TrainResult, train
-from flowseg.visualize import colorize, confidence_image, image_to_uint8, overlay, plot_training_curves, save_rgb_png
+from flowseg.visualize import (colorize, confidence_image, image_to_uint8, overlay, plot_prediction_sheet,
+                               plot_training_curves, save_rgb_png)
 
 DEMO_CONFIG = "mnist-seg"
 DEFAULT_MINUTES = 10.0
@@ -44,19 +46,22 @@ class DemoReport:
     wall_seconds: float
 
 
-def _write_pictures(checkpoint: Path, overrides: Sequence[str], folder: Path) -> None:
+def _write_pictures(checkpoint: Path, overrides: Sequence[str], folder: Path, sheet: Path) -> None:
+    """Each test picture's panels as PNGs in `folder`, and all of them side by side in `sheet`."""
     segmenter, info = load_segmenter(checkpoint, overrides)
     dataset = load_split(segmenter.config, "test")
     samples = [dataset[i] for i in range(min(PICTURES, len(dataset)))]
     images = torch.stack([s["image"] for s in samples])
     prediction = segmenter.predict(images)
+    rows = []
     for sample, labels, confidence in zip(samples, prediction.labels.cpu(), prediction.confidence.cpu()):
-        stem = folder / sample["name"]
-        save_rgb_png(image_to_uint8(sample["image"]), f"{stem}_image.png")
-        save_rgb_png(colorize(sample["label"], info.palette), f"{stem}_truth.png")
-        save_rgb_png(colorize(labels, info.palette), f"{stem}_labels.png")
-        save_rgb_png(overlay(sample["image"], labels, info.palette), f"{stem}_overlay.png")
-        save_rgb_png(confidence_image(confidence, 1.0 / info.num_classes), f"{stem}_confidence.png")
+        panels = {"image": image_to_uint8(sample["image"]), "truth": colorize(sample["label"], info.palette),
+                  "labels": colorize(labels, info.palette), "overlay": overlay(sample["image"], labels, info.palette),
+                  "confidence": confidence_image(confidence, 1.0 / info.num_classes)}
+        for name, picture in panels.items():
+            save_rgb_png(picture, folder / f"{sample['name']}_{name}.png")
+        rows.append(panels)
+    plot_prediction_sheet(rows, sheet)
 
 
 def run_demo(out_dir: str | Path | None = None, minutes: float | None = None, twin: bool = False,
@@ -79,7 +84,7 @@ def run_demo(out_dir: str | Path | None = None, minutes: float | None = None, tw
     training = train(config)
     test = evaluate_checkpoint(training.checkpoint, ["eval.split=test"], out_dir / "test", progress=False)
     predictions = ensure_writable_dir(out_dir / "predictions")
-    _write_pictures(training.checkpoint, ["eval.split=test"], predictions)
+    _write_pictures(training.checkpoint, ["eval.split=test"], predictions, out_dir / "predictions.png")
     records = [json.loads(line) for line in (training.run_dir / "metrics.jsonl").read_text().splitlines()]
     plot_training_curves(records, out_dir / "training_curve.png")
     wall = time.monotonic() - started
@@ -89,5 +94,5 @@ def run_demo(out_dir: str | Path | None = None, minutes: float | None = None, tw
     print(f"\nmnist-seg test mIoU {metrics.miou:.4f}, pixel accuracy {metrics.pixel_accuracy:.4f} after "
           f"{training.step} steps ({training.elapsed_seconds / 60:.1f} min training, stopped by the "
           f"{training.stopped_by} budget); demo wall time {wall / 60:.1f} min")
-    print(f"wrote {out_dir}/: run/, test/result.json, predictions/, training_curve.png")
+    print(f"wrote {out_dir}/: run/, test/result.json, predictions/, predictions.png, training_curve.png")
     return DemoReport(out_dir, training, test, wall)

@@ -1,4 +1,5 @@
-"""Pictures of results: palette label maps, overlays, confidence maps and training curves.
+"""Pictures of results: palette label maps, overlays, confidence maps, prediction sheets and training
+curves.
 
 Everything is drawn off-screen (matplotlib's Agg canvas, no pyplot state) and every file is written
 atomically, so an interrupted run never leaves a truncated PNG behind.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -123,6 +124,29 @@ def plot_training_curves(records: Iterable[dict], path: str | Path) -> None:
     miou_axes.set(xlabel="step", ylabel="mIoU", ylim=(0, 1), title="validation mIoU")
     for axes in (loss_axes, miou_axes):
         axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_atomically(path, buffer.getvalue())
+
+
+def plot_prediction_sheet(rows: Sequence[Mapping[str, np.ndarray]], path: str | Path) -> None:
+    """One picture of several samples: a row per sample, a column per panel ({title: (H, W, 3) uint8},
+    the same titles in every row), drawn with nearest-neighbour pixels."""
+    if not rows:
+        raise ValueError("a prediction sheet needs at least one row")
+    titles = list(rows[0])
+    if any(list(row) != titles for row in rows):
+        raise ValueError(f"every row of a prediction sheet must hold the panels {titles}")
+    figure = Figure(figsize=(1.6 * len(titles), 1.6 * len(rows)), dpi=100)
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(len(rows), len(titles), squeeze=False)
+    for row, axes_row in zip(rows, grid):
+        for title, axes in zip(titles, axes_row):
+            axes.imshow(row[title], interpolation="nearest")
+            axes.set_axis_off()
+    for title, axes in zip(titles, grid[0]):
+        axes.set_title(title, fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

