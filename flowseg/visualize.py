@@ -91,6 +91,13 @@ def save_label_png(labels: Tensor | np.ndarray, palette: np.ndarray, path: str |
     write_atomically(path, _png_bytes(picture))
 
 
+def save_figure(figure: Figure, path: str | Path) -> None:
+    """A matplotlib figure as a PNG, written atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_atomically(path, buffer.getvalue())
+
+
 LOSS_TERMS = {"loss": "total", "loss_fm": "flow matching ||v - v*||^2", "loss_ce": "cross-entropy",
               "loss_token": "token loss (unweighted)"}
 
@@ -125,9 +132,7 @@ def plot_training_curves(records: Iterable[dict], path: str | Path) -> None:
     for axes in (loss_axes, miou_axes):
         axes.grid(alpha=0.3)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    write_atomically(path, buffer.getvalue())
+    save_figure(figure, path)
 
 
 def plot_prediction_sheet(rows: Sequence[Mapping[str, np.ndarray]], path: str | Path) -> None:
@@ -148,6 +153,4 @@ def plot_prediction_sheet(rows: Sequence[Mapping[str, np.ndarray]], path: str | 
     for title, axes in zip(titles, grid[0]):
         axes.set_title(title, fontsize=9)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    write_atomically(path, buffer.getvalue())
+    save_figure(figure, path)

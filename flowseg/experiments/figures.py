@@ -6,7 +6,6 @@ seeds are given, lines are seed means and shaded bands span the seeds' minimum t
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -16,8 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from flowseg.checkpoint import write_atomically
 from flowseg.experiments.diagnostics import FieldPicture
+from flowseg.visualize import save_figure
 
 COLOURS = {"vanilla": "tab:blue", "reshaped": "tab:red", "straight path": "tab:grey", "discriminative": "tab:green"}
 SPARE_COLOURS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
@@ -34,12 +33,6 @@ def _new_figure(columns: int, width: float = 4.6, height: float = 3.6) -> tuple[
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, columns, squeeze=False)[0]
     return figure, list(axes)
-
-
-def _save(figure: Figure, path: Path) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    write_atomically(path, buffer.getvalue())
 
 
 def _mean_band(axes, x: Sequence[float], runs: Sequence[Sequence[float]], label: str, colour: str | None,
@@ -63,7 +56,7 @@ def convergence_figure(curves: Mapping[str, Mapping[str, tuple[list[int], list[l
         ax.set(title=dataset, xlabel="training step", ylabel="validation mIoU (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def ablation_figure(rows: Sequence[tuple[str, list[float]]], reference: float, path: Path) -> None:
@@ -83,7 +76,7 @@ def ablation_figure(rows: Sequence[tuple[str, list[float]]], reference: float, p
     ax.set(xlabel="test mIoU (%)")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(loc="lower right")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def sampling_figure(euler: Mapping[int, list[float]], heun: Mapping[int, list[float]], paper: Mapping[int, float],
@@ -102,7 +95,7 @@ def sampling_figure(euler: Mapping[int, list[float]], heun: Mapping[int, list[fl
     ax.set(xscale="log", xlabel="sampler steps", ylabel=f"mIoU / mIoU at {reference_steps} Euler steps")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def signal_figure(profiles: Mapping[str, tuple[list[float], list[float]]],
@@ -121,7 +114,7 @@ def signal_figure(profiles: Mapping[str, tuple[list[float], list[float]]],
     for ax in (left, right):
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def traversal_figure(third: Mapping[str, list[list[float]]], wrong: Mapping[str, list[list[float]]],
@@ -134,7 +127,7 @@ def traversal_figure(third: Mapping[str, list[list[float]]], wrong: Mapping[str,
         ax.set(xlabel="t of the state x_t", ylabel="valid pixels (%)", title=f"pixels whose state is {title}")
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def field_figure(picture: FieldPicture, path: Path) -> None:
@@ -156,4 +149,4 @@ def field_figure(picture: FieldPicture, path: Path) -> None:
                aspect="equal")
     axes[0].legend(loc="lower left", fontsize=7)
     figure.colorbar(stream.lines, ax=axes, shrink=0.8, label="|field| (log scale)")
-    _save(figure, path)
+    save_figure(figure, path)
