@@ -141,6 +141,7 @@ class EvalConfig:
     window: Optional[int] = None     # sliding-window side (default data.image_size)
     stride: Optional[int] = None     # sliding-window stride (default 2/3 of the window)
     query_scale: int = 1             # the field decoder queries query_scale x the trunk resolution
+    grid_shifts: int = 1             # k > 1: p averaged over k x k offsets of the patch grid (k^2 passes)
     batch_size: int = 16
     max_samples: Optional[int] = None
     use_ema: bool = True
@@ -148,7 +149,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check_choice("eval", "sampler", self.sampler, ("euler", "heun"))
         _check_choice("eval", "inference", self.inference, ("resize", "whole", "slide"))
-        for name in ("steps", "batch_size", "query_scale"):
+        for name in ("steps", "batch_size", "query_scale", "grid_shifts"):
             _check_positive("eval", name, getattr(self, name))
         for name in ("window", "stride", "max_samples"):
             _check_positive("eval", name, getattr(self, name))

@@ -18,6 +18,13 @@ Inference modes (eval.inference), for images of any size:
     slide   windows of eval.window pixels at eval.stride, p averaged where they overlap.
 With eval.query_scale = s the trunk works at 1/s of the query resolution and the field decoder
 evaluates every query pixel, so the model answers at s times the resolution its tokens see.
+
+Grid shifts (eval.grid_shifts = k > 1): every pixel of a patch is decoded from that patch's token, so
+where the patch grid falls changes the answer. p is averaged over the k x k offsets (i u / k, j u / k),
+i, j < k, of the grid (u = patch_size * query_scale query pixels), each pass on the image rolled by the
+offset and its p rolled back. A pixel whose patch straddles the wrap seam of a shifted pass (the first
+patch row or column of the rolled image) takes only the passes without that seam, the unshifted one at
+least. k^2 passes cost k^2 times the inference.
 """
 
 from __future__ import annotations
@@ -70,13 +77,41 @@ class Segmenter:
         self.encoding = encoding.to(self.device) if encoding is not None else None
         self.config = config
         self.patch = model.size.patch_size
+        shifts = config.eval.grid_shifts
+        if self.patch % shifts:
+            raise ValueError(f"eval.grid_shifts={shifts} must divide the model's patch size {self.patch}, "
+                             "so that every grid offset is a whole number of the trunk's pixels")
 
     @property
     def is_flow(self) -> bool:
         return self.encoding is not None
 
     def _probabilities_at(self, image: Tensor, steps: int) -> Tensor:
-        """p (B, N, H, W) for an image whose sides are multiples of patch_size * query_scale."""
+        """p (B, N, H, W) for an image whose sides are multiples of patch_size * query_scale, averaged
+        over the eval.grid_shifts^2 offsets of the patch grid (module docstring)."""
+        shifts = self.config.eval.grid_shifts
+        if shifts == 1:
+            return self._one_pass(image, steps)
+        unit = self.patch * self.config.eval.query_scale
+        height, width = image.shape[-2:]
+        offsets = [i * unit // shifts for i in range(shifts)]
+        total = counts = None
+        for dy in offsets:
+            for dx in offsets:
+                p = self._one_pass(torch.roll(image, (dy, dx), dims=(-2, -1)), steps)
+                p = torch.roll(p, (-dy, -dx), dims=(-2, -1))  # back to the image's pixels
+                # the rolled image's first patch row/column holds the seam: rows [0, u - dy) and
+                # [H - dy, H) of the image (likewise for columns) are decoded from a patch mixing both ends
+                weight = p.new_ones(height, width)
+                if dy:
+                    weight[:unit - dy] = weight[height - dy:] = 0
+                if dx:
+                    weight[:, :unit - dx] = weight[:, width - dx:] = 0
+                total = p * weight if total is None else total + p * weight
+                counts = weight if counts is None else counts + weight
+        return total / counts
+
+    def _one_pass(self, image: Tensor, steps: int) -> Tensor:
         scale = self.config.eval.query_scale
         with autocast(self.device, self.config.train.precision):
             if not self.is_flow:

@@ -115,10 +115,13 @@ def test_ranks_segment_disjoint_shards_that_sum_to_the_whole_split():
     assert int(whole.sum()) == sum(int((l != IGNORE_INDEX).sum()) for l in labels)
 
 
+@pytest.mark.parametrize("shifts", [1, 4])
 @pytest.mark.parametrize("mode", ["whole", "slide"])
-def test_whole_and_sliding_inference_are_exact_on_any_image_size(mode):
+def test_whole_and_sliding_inference_are_exact_on_any_image_size(mode, shifts):
     labels = make_labels(count=3, size=(13, 22))  # not multiples of the patch (4) or the window (8)
-    segmenter = oracle_segmenter((0, 1, 2, 3), False, f"eval.inference={mode}", "eval.window=8", "eval.stride=5")
+    # the oracle answers pixel by pixel, so every grid offset must give it back unshifted
+    segmenter = oracle_segmenter((0, 1, 2, 3), False, f"eval.inference={mode}", "eval.window=8", "eval.stride=5",
+                                 f"eval.grid_shifts={shifts}")
     result = evaluate_dataset(segmenter, Painted(labels), NUM_CLASSES, step_counts=[2])[0]
     assert result.metrics.pixel_accuracy == 1.0 and result.metrics.miou == 1.0
 
@@ -137,6 +140,45 @@ def test_resize_inference_predicts_at_the_training_resolution_and_upsamples():
     blurred = small.predict(paint(label)[None], steps=1).labels[0]  # 16x24 -> 8x12 -> 16x24
     assert (blurred == label).float().mean() > 0.9
     assert torch.equal(blurred[:, :10], label[:, :10]) and torch.equal(blurred[:, 14:], label[:, 14:])
+
+
+class CornerTwin(OracleTwin):
+    """Every pixel gets the class painted at the top-left pixel of its 4 x 4 patch, so the answer
+    depends on where the patch grid falls."""
+
+    def forward(self, image, query_scale=1):
+        corner = labels_in_image(image)[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2)
+        return 10.0 * nn.functional.one_hot(self.mapping[corner], NUM_CLASSES).permute(0, 3, 1, 2).float()
+
+
+def test_grid_shifts_average_every_offset_of_the_grid_except_across_the_seam():
+    label = torch.randint(0, NUM_CLASSES, (12, 16), generator=torch.Generator().manual_seed(3))
+    config = load_config(None, ["eval.inference=whole", "eval.grid_shifts=2"])
+    segmenter = Segmenter(CornerTwin(None, (0, 1, 2, 3)), None, config, torch.device("cpu"))
+    p = segmenter.probabilities(paint(label)[None])[0]  # (N, H, W)
+
+    class_p = torch.softmax(10.0 * torch.eye(NUM_CLASSES), dim=1)  # p at a pixel the oracle calls class k
+    height, width = label.shape
+    expected = torch.empty_like(p)
+    for y in range(height):
+        for x in range(width):
+            passes = []
+            for dy in (0, 2):
+                for dx in (0, 2):
+                    ry, rx = (y + dy) % height, (x + dx) % width  # the pixel in the rolled image
+                    if (dy and ry < 4) or (dx and rx < 4):
+                        continue  # its patch is the rolled image's first row/column: it holds the seam
+                    passes.append(class_p[label[(ry - ry % 4 - dy) % height, (rx - rx % 4 - dx) % width]])
+            expected[:, y, x] = torch.stack(passes).mean(0)
+    torch.testing.assert_close(p, expected)
+    one_pass = Segmenter(CornerTwin(None, (0, 1, 2, 3)), None, load_config(None, ["eval.inference=whole"]),
+                         torch.device("cpu")).probabilities(paint(label)[None])[0]
+    assert not torch.allclose(p, one_pass)  # the offsets do change the answer here
+
+
+def test_grid_shifts_that_do_not_divide_the_patch_are_refused():
+    with pytest.raises(ValueError, match=r"eval.grid_shifts=3 must divide the model's patch size 4"):
+        oracle_segmenter((0, 1, 2, 3), False, "eval.grid_shifts=3")
 
 
 def test_table_lists_every_step_count_and_class():

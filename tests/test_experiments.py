@@ -230,10 +230,12 @@ def test_runs_are_shared_between_experiments_with_equal_budgets():
 
 
 def test_every_run_measures_the_papers_network_whatever_the_dataset_config_sets():
-    # the mnist-seg config turns on the conv stem, the token loss and an 8-d code for the demo
+    # the mnist-seg config turns on the conv stem, the token loss, an 8-d code and grid shifts for the demo
     for spec in planned_runs(get_preset("micro")):
-        model = load_config(spec.dataset, spec.overrides()).model
+        config = load_config(spec.dataset, spec.overrides())
+        model = config.model
         assert (model.stem, model.token_loss_weight, model.dim) == ("patch", 0.0, None), spec.key
+        assert config.eval.grid_shifts == 1, spec.key
 
 
 def test_bounded_correction_runs_only_at_the_convergence_budget():

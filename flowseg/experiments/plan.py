@@ -4,9 +4,10 @@ Every run is the base configuration (the dataset's shipped config, the preset's 
 and budget, PixNerd's linear patch embedding, no token loss, the encoding's default dimension, and
 the objective with the library's defaults, flowseg.objective.ObjectiveConfig()) plus the overrides
 of one variant. The convolutional stem, the token loss and the 8-dimensional code (model.stem,
-model.token_loss_weight and model.dim, all set in the mnist-seg config) are switched off because
-these experiments measure the paper's objectives on the paper's network and its d = 3 code, and each
-would act on every variant alike. An objective ablation compares values of one ObjectiveConfig
+model.token_loss_weight and model.dim, all set in the mnist-seg config) are switched off, and models
+are evaluated in one pass (eval.grid_shifts, also set there), because these experiments measure the
+paper's objectives on the paper's network and its d = 3 code, and each would act on every variant
+alike. An objective ablation compares values of one ObjectiveConfig
 field; the row whose value is the default is the reference run itself, so when a default changes the
 plan follows it. Experiments share runs: the ablations' default rows, the encodings' "kronecker" row
 and the flow side of generative-vs-discriminative are all the variant "reshaped" at the ablation
@@ -61,6 +62,7 @@ class RunSpec:
             f"optim.lr={p.lr}", f"optim.warmup_steps={b.warmup_steps}", "optim.weight_decay=0.0",
             "optim.ema_decay=0.999", "data.num_workers=0",
             f"eval.steps={p.eval_steps}", "eval.sampler=euler", "eval.inference=resize", "eval.batch_size=16",
+            "eval.grid_shifts=1",
             "model.stem=patch", "model.token_loss_weight=0.0", "model.dim=null",
         ]
         if self.data_root is not None:

@@ -523,7 +523,7 @@ class Page:
             f"for the Kronecker code), {t_draws(ObjectiveConfig())}"
             if params else f"- Model: {p.model_size}",
             "- Evaluation: dataset-level mIoU from one confusion matrix (ignore label excluded), EMA weights, "
-            f"{p.eval_steps} Euler steps unless stated.",
+            f"one pass per image (`eval.grid_shifts=1`), {p.eval_steps} Euler steps unless stated.",
             budgets,
         ])
 
