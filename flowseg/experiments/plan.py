@@ -7,11 +7,11 @@ of one variant. The convolutional stem, the token loss and the 8-dimensional cod
 model.token_loss_weight and model.dim, all set in the mnist-seg config) are switched off, and models
 are evaluated in one pass (eval.grid_shifts, also set there), because these experiments measure the
 paper's objectives on the paper's network and its d = 3 code, and each would act on every variant
-alike. An objective ablation compares values of one ObjectiveConfig
-field; the row whose value is the default is the reference run itself, so when a default changes the
-plan follows it. Experiments share runs: the ablations' default rows, the encodings' "kronecker" row
-and the flow side of generative-vs-discriminative are all the variant "reshaped" at the ablation
-budget, and when the ablation budget equals the convergence budget that is also the convergence run.
+alike. An objective ablation compares values of one ObjectiveConfig field; the row whose value is
+the default is the reference run itself, so when a default changes the plan follows it. Experiments
+share runs: the ablations' default rows, the encodings' "kronecker" row and the flow side of
+generative-vs-discriminative are all the variant "reshaped" at the ablation budget, and when the
+ablation budget equals the convergence budget that is also the convergence run.
 A run's key hashes its complete override list, so two experiments asking for the same configuration
 get the same run, and changing a budget gives a new run rather than reusing a stale one.
 """
