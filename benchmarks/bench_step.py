@@ -1,0 +1,79 @@
+"""Time of one training step of the mnist-seg config, for one or more copies of flowseg, in one process.
+
+    .venv/bin/python benchmarks/bench_step.py                       # this checkout
+    .venv/bin/python benchmarks/bench_step.py OLD_TREE NEW_TREE     # two source trees, e.g. before/after
+
+Each tree is imported in turn (its `flowseg` package first on sys.path, every flowseg module dropped
+between trees) and trains the shipped mnist-seg config (T/4, batch 16, token loss on) on the CPU
+through the public `flowseg.train.train`, for --warmup + --steps steps. The step time is read from
+metrics.jsonl: each log record carries the wall-clock time at which its step began, so
+(elapsed at the last record - elapsed at the first) / steps covers --steps whole steps, logging
+included, and none of the set-up, final validation or checkpoint. The trees run alternately for
+--rounds rounds, so that a change in the machine's load hits each alike; the minimum over rounds is
+reported with the ratio to the first tree. Prints figures only; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _import_flowseg(tree: Path):
+    """flowseg from `tree`, with every module of a previously imported copy forgotten."""
+    for name in [name for name in sys.modules if name == "flowseg" or name.startswith("flowseg.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(tree))
+    try:
+        package = importlib.import_module("flowseg")
+        if Path(package.__file__).resolve().parent != (tree / "flowseg").resolve():
+            raise RuntimeError(f"imported flowseg from {package.__file__}, not from {tree}")
+        return importlib.import_module("flowseg.config"), importlib.import_module("flowseg.train")
+    finally:
+        sys.path.remove(str(tree))
+
+
+def seconds_per_step(tree: Path, warmup: int, steps: int, log_every: int, extra: list[str]) -> float:
+    config_module, train_module = _import_flowseg(tree)
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [f"train.out_dir={out}/run", f"train.steps={warmup + steps}", f"train.log_every={log_every}",
+                     "train.val_every=0", "train.val_samples=2", "train.ckpt_every=0", "train.progress=false",
+                     "train.tensorboard=false", "train.device=cpu", *extra]
+        train_module.train(config_module.load_config("mnist-seg", overrides))
+        records = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
+    started = {record["step"]: record["elapsed"] for record in records if record["kind"] == "train"}
+    return (started[warmup + steps] - started[warmup]) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trees", nargs="*", type=Path, default=[Path(__file__).resolve().parents[1]],
+                        help="source trees holding a flowseg/ package (default: this checkout)")
+    parser.add_argument("--warmup", type=int, default=20, help="steps before the timed ones")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps (a multiple of --log-every)")
+    parser.add_argument("--log-every", type=int, default=20, help="train.log_every (the config's default: 20)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra config override for every tree, e.g. train.threads=1")
+    args = parser.parse_args()
+    if args.warmup % args.log_every or args.steps % args.log_every:
+        parser.error("--warmup and --steps must be multiples of --log-every (the step times come from log records)")
+
+    best = {tree: float("inf") for tree in args.trees}
+    for round_ in range(args.rounds):
+        for tree in args.trees:
+            seconds = seconds_per_step(tree, args.warmup, args.steps, args.log_every, args.set)
+            best[tree] = min(best[tree], seconds)
+            print(f"round {round_ + 1}: {tree}: {1000 * seconds:.1f} ms/step", flush=True)
+    reference = best[args.trees[0]]
+    print(f"\nmnist-seg training step, CPU, min over {args.rounds} round(s) of {args.steps} steps "
+          f"(after {args.warmup}), overrides {args.set or 'none'}:")
+    for tree, seconds in best.items():
+        print(f"  {1000 * seconds:8.1f} ms/step  ratio {seconds / reference:.3f}  {tree}")
+
+
+if __name__ == "__main__":
+    main()
