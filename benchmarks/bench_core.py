@@ -31,7 +31,7 @@ import torch
 
 from flowseg.encoding import build_encoding
 from flowseg.memory import process_status_kib
-from flowseg.objective import distance_correction
+from flowseg.correction import distance_correction
 
 CORRECTION_CASES = (None, 50, 16)  # class_chunk
 REPEATS = 3

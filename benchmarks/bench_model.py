@@ -88,23 +88,26 @@ def workload(size: str, side: int, batch: int) -> tuple[int, dict[str, Callable[
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
     objectives = {kind: FlowMatchingObjective(encoding, ObjectiveConfig(kind=kind)) for kind in ("reshaped", "vanilla")}
 
+    def velocity(x: torch.Tensor, time: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        return model(x, time, img).out
+
     @torch.no_grad()
     def forward():
         model(x_t, t, image)
 
     def train_step(kind: str = "reshaped"):
-        loss = objectives[kind](model, image, labels).loss
+        loss = objectives[kind](velocity, image, labels).loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
 
     @torch.no_grad()
     def sample_one_step():
-        segment(model, image, encoding, steps=1)
+        segment(velocity, image, encoding, steps=1)
 
     @torch.no_grad()
     def twin_forward():
-        twin(image).argmax(1)
+        twin(image).out.argmax(1)
 
     params = sum(p.numel() for p in model.parameters())
     return params, {"forward": forward, "train": train_step, "sample": sample_one_step, "twin": twin_forward}

@@ -38,7 +38,8 @@ def measure(checkpoint: str, images: int) -> str:
     samples = [dataset[i] for i in range(min(images, len(dataset)))]
     image = torch.stack([s["image"] for s in samples])  # (B, 3, H, W)
     labels = torch.stack([s["label"] for s in samples])  # (B, H, W)
-    f = objective.targets(segmenter.model.eval(), image, labels)
+    model = segmenter.model.eval()
+    f = objective.targets(lambda x_t, t, img: model(x_t, t, img).out, image, labels)
     x1 = segmenter.encoding.encode(labels, ignore_fill=f.x1_hat)
     norm = (f.v_target - f.v_star).norm(dim=1)[f.valid]  # (P,) per labelled pixel
     error = (f.x1_hat - x1).norm(dim=1)[f.valid]

@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from flowseg.data import AugmentConfig
 from flowseg.distributed import DEVICES, PRECISIONS
 from flowseg.models.field import STEMS
 from flowseg.objective import ObjectiveConfig
@@ -43,11 +44,8 @@ class DataConfig:
     name: str = "mnist-seg"          # shapes, mnist-seg, ade20k, cityscapes, coco-stuff, voc, folder
     root: Optional[str] = None       # dataset directory (on-disk layouts only)
     image_size: int = 32             # training crop side, and the resolution eval.inference=resize works at
-    # training-split augmentation options (flowseg.data.AugmentConfig: scale_range, hflip, image_fill);
-    # {} = the defaults, null = no augmentation
-    augment: Optional[dict[str, Any]] = field(default_factory=dict)
-    train_split: str = "train"
-    val_split: str = "val"
+    # random scale, crop and flip of the "train" split (data.augment.hflip=false etc.); null = none
+    augment: Optional[AugmentConfig] = field(default_factory=AugmentConfig)
     num_workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for build_dataset
 
@@ -63,28 +61,24 @@ class ModelConfig:
     encoding: str = "kronecker"      # category encoding mu_k (flow models only)
     dim: Optional[int] = None        # encoding dimension d; None = the encoding's default
     image_conditioning: bool = True  # feed the image I as extra input channels
-    stem: str = "patch"              # tokens from "patch" (PixNerd's linear patch embedding) or "conv" (3x3 convolutions)
+    stem: str = "patch"              # tokens from "patch" (PixNerd's linear patch embedding) or "conv" (3x3 convs)
     pretrained: Optional[str] = None # a PixNerd checkpoint file to initialise the trunk from
-    # > 0: a token head classifies each patch token from the trunk, and weight x its cross-entropy
-    # against the patch's label histogram joins the training loss (unused when sampling)
-    token_loss_weight: float = 0.0
+    # a linear head classifying each patch token from the trunk; training adds objective.token_loss_weight
+    # x its cross-entropy against the patch's label histogram (unused when sampling)
+    token_head: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("model", "kind", self.kind, ("flow", "discriminative"))
-        _check_choice("model", "stem", self.stem, STEMS)
+        _check_choice("model", "stem", self.stem, tuple(STEMS))
         _check_positive("model", "dim", self.dim)
-        _check_positive("model", "token_loss_weight", self.token_loss_weight, allow_zero=True)
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
     warmup_steps: int = 100
-    schedule: str = "cosine"         # "cosine" decays to min_lr_ratio * lr over the budget; "constant"
-    min_lr_ratio: float = 0.05
+    schedule: str = "cosine"         # "cosine" decays to train.COSINE_FLOOR * lr over the budget; "constant"
     grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999         # 0 disables the EMA (it then equals the raw weights)
 
@@ -94,10 +88,8 @@ class OptimConfig:
         _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
         _check_choice("optim", "schedule", self.schedule, ("cosine", "constant"))
-        for name in ("beta1", "beta2", "ema_decay", "min_lr_ratio"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0 or (name != "min_lr_ratio" and value == 1.0):
-                raise ValueError(f"optim.{name} must lie in [0, 1), got {value!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
 
 
 @dataclass
@@ -106,11 +98,15 @@ class TrainConfig:
     steps: int = 1000                # optimizer steps (the step budget)
     minutes: Optional[float] = None  # wall-clock budget; training stops at whichever budget ends first
     batch_size: int = 32             # global batch per optimizer step, split over ranks and accumulation
-    grad_accum: int = 1              # micro-batches per rank per step
+    # micro-batches per rank per step: on GPUs, a rank's share of the batch of the large benchmark
+    # configs (ADE20K at 512 px) may not fit in memory at once
+    grad_accum: int = 1
     seed: int = 0
     device: str = "auto"             # "auto" (CUDA when available), "cpu", "cuda"
     threads: Optional[int] = None    # torch CPU threads (None = torch's default, one per core)
-    precision: str = "auto"          # "auto" = bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16" (CUDA only)
+    # "auto" = bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16" (CUDA only). GPU runs of the large
+    # benchmark configs (ADE20K at 512 px) need bf16's memory and speed; "fp32" is the full-precision check
+    precision: str = "auto"
     log_every: int = 20
     val_every: int = 500             # steps between validations; 0 = only at the end
     val_samples: Optional[int] = None  # validate on the first N samples of the split (None = all)
@@ -175,6 +171,9 @@ class Config:
         if self.train.batch_size % self.train.grad_accum:
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by "
                              f"train.grad_accum ({self.train.grad_accum})")
+        if self.model.token_head and self.objective.token_loss_weight == 0:
+            raise ValueError("model.token_head needs objective.token_loss_weight > 0: a head without its loss "
+                             "would never be trained")
 
 
 def available_configs() -> list[str]:

@@ -78,20 +78,6 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on at least one (so all ranks stop at the same step)."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def broadcast_float(value: float, device: torch.device) -> float:
     """Rank 0's `value` on every rank (e.g. rank 0's clock, so a time budget ends everywhere at once)."""
     if not dist.is_initialized():

@@ -26,7 +26,7 @@ LATTICE_LEVELS = 6  # SemFlow palette: 6 levels per RGB channel, so at most 6^3 
 # ----------------------------------------------------------------------------------------------
 # Distance transforms T(d): the score of a class given its squared distance d_k. Every transform is
 # signed so that a LARGER score means a CLOSER centroid; p_k = softmax_k(T(d_k) / tau).
-# weight(d) = -dT/dd > 0 is what the analytic correction needs (objective.distance_correction).
+# weight(d) = -dT/dd > 0 is what the analytic correction needs (correction.distance_correction).
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ TRANSFORMS: dict[str, DistanceTransform] = {
     "inverse": DistanceTransform(
         lambda d, eps: (d + eps).reciprocal_(), lambda d, eps: (d + eps).square_().reciprocal_()
     ),
-    # T = -sqrt(d + eps): eps keeps dT/dd finite at d = 0
-    "sqrt": DistanceTransform(lambda d, eps: (d + eps).sqrt_().neg_(), lambda d, eps: (d + eps).rsqrt_().mul_(0.5)),
+    # T = -sqrt(d + eps): eps keeps dT/dd finite at d = 0; the sign out of place, as sqrt's backward reads its result
+    "sqrt": DistanceTransform(lambda d, eps: -(d + eps).sqrt_(), lambda d, eps: (d + eps).rsqrt_().mul_(0.5)),
     # T = -d: the Gaussian-kernel softmax
     "identity": DistanceTransform(lambda d, eps: -d, lambda d, eps: torch.ones_like(d)),
 }

@@ -50,7 +50,7 @@ from flowseg.visualize import confidence_image, overlay, save_label_png, save_rg
 
 def build_network(config: Config, num_classes: int) -> tuple[nn.Module, CategoryEncoding | None]:
     """The model a config describes, and its category encoding (None for the discriminative twin)."""
-    token_classes = num_classes if config.model.token_loss_weight > 0 else None
+    token_classes = num_classes if config.model.token_head else None
     if config.model.kind == "discriminative":
         return build_model("discriminative", config.model.size, num_classes=num_classes,
                            token_classes=token_classes, stem=config.model.stem), None
@@ -115,10 +115,10 @@ class Segmenter:
         scale = self.config.eval.query_scale
         with autocast(self.device, self.config.train.precision):
             if not self.is_flow:
-                return torch.softmax(self.model(image, query_scale=scale).float(), dim=1)
+                return torch.softmax(self.model(image, query_scale=scale).out.float(), dim=1)
 
             def velocity(x: Tensor, t: Tensor, img: Tensor) -> Tensor:
-                return self.model(x, t, img, query_scale=scale).float()
+                return self.model(x, t, img, query_scale=scale).out.float()
 
             sample = integrate(velocity, image_to_x0(image, self.encoding.dim), image, steps,
                                self.config.eval.sampler)

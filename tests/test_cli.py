@@ -28,20 +28,21 @@ def run_dir(tmp_path_factory):
 
 
 def write_folder_dataset(root, label_value=1, label_size=(16, 16), images=2):
-    """The generic folder layout: images/train, labels/train, classes.txt (3 classes)."""
-    (root / "images" / "train").mkdir(parents=True)
-    (root / "labels" / "train").mkdir(parents=True)
+    """The generic folder layout: images/{train,val}, labels/{train,val} (the same files), classes.txt (3 classes)."""
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for index in range(images):
+            Image.fromarray(np.full((16, 16, 3), 100 + index, np.uint8)).save(root / "images" / split / f"{index}.png")
+            label = np.zeros(label_size, np.uint8)
+            label[4:8, 4:8] = label_value if index == images - 1 else 1
+            Image.fromarray(label, mode="L").save(root / "labels" / split / f"{index}.png")
     (root / "classes.txt").write_text("background\ncircle\nsquare\n")
-    for index in range(images):
-        Image.fromarray(np.full((16, 16, 3), 100 + index, np.uint8)).save(root / "images" / "train" / f"{index}.png")
-        label = np.zeros(label_size, np.uint8)
-        label[4:8, 4:8] = label_value if index == images - 1 else 1
-        Image.fromarray(label, mode="L").save(root / "labels" / "train" / f"{index}.png")
     return root
 
 
 def folder_run(root, out, workers=0):
-    return ["train", "folder", f"data.root={root}", "data.val_split=train", "data.augment=null", "model.size=T/8",
+    return ["train", "folder", f"data.root={root}", "data.augment=null", "model.size=T/8",
             f"data.num_workers={workers}", *TINY, f"train.out_dir={out}"]
 
 

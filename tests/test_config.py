@@ -5,6 +5,7 @@ import pytest
 from flowseg.config import (
     Config, DataConfig, EvalConfig, TrainConfig, available_configs, config_from_yaml, load_config, to_yaml,
 )
+from flowseg.data import AugmentConfig
 
 SHIPPED = ("mnist-seg", "shapes", "ade20k", "cityscapes", "coco-stuff", "voc", "folder")
 
@@ -39,6 +40,37 @@ def test_null_and_dict_overrides():
     assert config.data.augment is None
     assert config.data.options == {"max_digits": 2}
     assert config.train.minutes == 1.5
+
+
+def test_augment_is_a_typed_section_or_null():
+    assert load_config("shapes").data.augment == AugmentConfig()
+    flipless = load_config("shapes", ["data.augment.hflip=false", "data.augment.scale_range=[0.8,1.25]"])
+    assert flipless.data.augment == AugmentConfig(scale_range=(0.8, 1.25), hflip=False)
+    assert config_from_yaml(to_yaml(flipless)) == flipless
+    assert load_config("mnist-seg").data.augment is None  # the shipped config turns it off
+    assert load_config("mnist-seg", ["data.augment.hflip=false"]).data.augment == AugmentConfig(hflip=False)
+    assert load_config("mnist-seg", ["data.augment={}"]).data.augment == AugmentConfig()
+    assert load_config("shapes", ["data.augment=null"]).data.augment is None
+    with pytest.raises(ValueError, match=r"unknown config key 'data\.augment\.rotate'.*hflip"):
+        load_config(None, ["data.augment.rotate=10"])
+    with pytest.raises(ValueError, match="scale_range must satisfy 0 < low <= high"):
+        load_config(None, ["data.augment.scale_range=[2.0,1.0]"])
+
+
+def test_the_token_head_is_architecture_and_its_weight_a_loss_setting():
+    config = load_config("mnist-seg")
+    assert config.model.token_head and config.objective.token_loss_weight == 3.0
+    assert not load_config(None).model.token_head
+    with pytest.raises(ValueError, match=r"model\.token_head needs objective\.token_loss_weight > 0"):
+        load_config("mnist-seg", ["objective.token_loss_weight=0"])
+    assert not load_config("mnist-seg", ["model.token_head=false", "objective.token_loss_weight=0"]).model.token_head
+
+
+@pytest.mark.parametrize("removed", ["optim.beta1=0.9", "optim.min_lr_ratio=0.1", "data.train_split=train",
+                                     "objective.t_sampling=uniform", "model.token_loss_weight=1.0"])
+def test_removed_knobs_are_unknown_keys(removed):
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(None, [removed])
 
 
 def test_unknown_key_names_the_key_and_where_it_came_from(tmp_path):

@@ -13,6 +13,7 @@ from flowseg.config import load_config
 from flowseg.distributed import DistContext
 from flowseg.encoding import IGNORE_INDEX, build_encoding
 from flowseg.evaluate import evaluate_checkpoint, evaluate_dataset, format_table, load_split
+from flowseg.models import FieldOutput
 from flowseg.predict import Segmenter
 
 NUM_CLASSES = 4
@@ -43,12 +44,13 @@ class OracleFlow(nn.Module):
         if x.shape[-1] % (4 * query_scale) or x.shape[-2] % (4 * query_scale):
             raise ValueError("not a multiple of the patch")
         target = self.encoding.centroids[self.mapping[labels_in_image(image)]].permute(0, 3, 1, 2)
-        return (target - x) / (1 - t.view(-1, 1, 1, 1)).clamp_min(1e-6)
+        return FieldOutput((target - x) / (1 - t.view(-1, 1, 1, 1)).clamp_min(1e-6), None)
 
 
 class OracleTwin(OracleFlow):
     def forward(self, image, query_scale=1):
-        return 10.0 * nn.functional.one_hot(self.mapping[labels_in_image(image)], NUM_CLASSES).permute(0, 3, 1, 2).float()
+        one_hot = nn.functional.one_hot(self.mapping[labels_in_image(image)], NUM_CLASSES)
+        return FieldOutput(10.0 * one_hot.permute(0, 3, 1, 2).float(), None)
 
 
 class Painted(torch.utils.data.Dataset):
@@ -148,7 +150,8 @@ class CornerTwin(OracleTwin):
 
     def forward(self, image, query_scale=1):
         corner = labels_in_image(image)[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2)
-        return 10.0 * nn.functional.one_hot(self.mapping[corner], NUM_CLASSES).permute(0, 3, 1, 2).float()
+        one_hot = nn.functional.one_hot(self.mapping[corner], NUM_CLASSES)
+        return FieldOutput(10.0 * one_hot.permute(0, 3, 1, 2).float(), None)
 
 
 def test_grid_shifts_average_every_offset_of_the_grid_except_across_the_seam():

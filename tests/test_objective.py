@@ -1,228 +1,11 @@
-import math
-
+"""The flow matching objective: closed forms, the reshaped target against autograd, masking, schedules."""
 import pytest
 import torch
 
-from flowseg.encoding import IGNORE_INDEX, TRANSFORMS, build_encoding
-from flowseg import objective
+from flowseg.correction import reference_correction
+from flowseg.encoding import IGNORE_INDEX, build_encoding
 from flowseg.flow import image_to_x0, interpolate
-from flowseg.objective import (
-    FlowMatchingObjective, ObjectiveConfig, discriminative_loss, distance_correction, token_classification_loss,
-)
-
-EPS = 1e-3
-# T(d) written out independently of flowseg: larger score = closer class
-REFERENCE_T = {
-    "neg_log": lambda d, eps: -torch.log(d + eps),
-    "inverse": lambda d, eps: 1.0 / (d + eps),
-    "sqrt": lambda d, eps: -torch.sqrt(d + eps),
-    "identity": lambda d, eps: -d,
-}
-
-
-def reference_phi(x, labels, mu, tau, eps, transform):
-    """Phi = sum over labelled pixels of -log softmax_k(T(||x - mu_k||^2) / tau)[true], by broadcasting."""
-    d = (x[:, None] - mu[None, :, :, None, None]).square().sum(2)  # (B, N, H, W)
-    log_p = torch.log_softmax(REFERENCE_T[transform](d, eps) / tau, dim=1)
-    valid = labels != IGNORE_INDEX
-    picked = log_p.gather(1, torch.where(valid, labels, 0).unsqueeze(1)).squeeze(1)
-    return -(picked * valid).sum()
-
-
-def autograd_correction(x, labels, mu, tau, eps, transform):
-    x = x.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(reference_phi(x, labels, mu, tau, eps, transform), x)
-    return grad
-
-
-def kronecker64(n):
-    return build_encoding("kronecker", n).centroids.double()
-
-
-# ------------------------------------------------------------------ the analytic correction
-
-
-@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
-@pytest.mark.parametrize("tau", [0.3, 1.0, 2.5])
-def test_correction_equals_autograd_of_phi(transform, tau):
-    mu = kronecker64(11)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64) * 2.2 - 1.1
-    x[0, :, 0, 0] = mu[3]  # exactly on a centroid: d = 0 where sqrt(d) alone would be singular
-    labels = torch.randint(0, 11, (2, 4, 5), generator=g)
-    labels[1, 2, 3] = IGNORE_INDEX
-    expected = autograd_correction(x, labels, mu, tau, EPS, transform)
-    for chunk in (None, 4, 11):
-        got = distance_correction(x, labels, mu, tau, EPS, transform, class_chunk=chunk)
-        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-9), (transform, tau, chunk)
-    assert torch.equal(got[1, :, 2, 3], torch.zeros(3, dtype=torch.float64))
-
-
-def test_correction_float32_close_to_float64():
-    mu = kronecker64(150)
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(2, 3, 6, 6, generator=g, dtype=torch.float64) * 2 - 1
-    labels = torch.randint(0, 150, (2, 6, 6), generator=g)
-    exact = distance_correction(x, labels, mu, 1.0, EPS, "neg_log")
-    single = distance_correction(x.float(), labels, mu.float(), 1.0, EPS, "neg_log", class_chunk=16)
-    assert torch.allclose(single.double(), exact, rtol=1e-3, atol=1e-3 * exact.abs().max().item())
-
-
-@pytest.mark.parametrize("tau", [0.05, 0.2, 1.0, 2.5])
-def test_neg_log_power_form_equals_score_form(tau, monkeypatch):
-    # T = -log(d + eps) takes a closed form, p_k Z = ((d_min + eps) / (d_k + eps))^(1/tau); under another
-    # name the same transform goes through the general exp((T(d_k) - T(d_min)) / tau)
-    monkeypatch.setitem(TRANSFORMS, "neg_log_via_scores", TRANSFORMS["neg_log"])
-    mu = kronecker64(23)
-    g = torch.Generator().manual_seed(5)
-    x = torch.rand(2, 3, 5, 6, generator=g, dtype=torch.float64) * 12 - 6  # d up to ~100: (eps/d)^20 ~ 1e-100
-    x[0, :, 1, :] = mu[:6].T + 1e-4  # next to a centroid: p_true -> 1
-    labels = torch.randint(0, 23, (2, 5, 6), generator=g)
-    labels[0, 1, :] = torch.arange(6)
-    for chunk in (None, 5):
-        fast = distance_correction(x, labels, mu, tau, EPS, "neg_log", class_chunk=chunk)
-        general = distance_correction(x, labels, mu, tau, EPS, "neg_log_via_scores", class_chunk=chunk)
-        assert torch.isfinite(fast).all()
-        assert torch.allclose(fast, general, rtol=1e-10, atol=1e-12 * general.abs().max().item()), (tau, chunk)
-
-
-def reference_neg_log_correction(x, labels, mu, tau, eps):
-    """(2/tau) sum_{k != true} p_k [w_true (x - mu_true) - w_k (x - mu_k)], w = 1/(d + eps), by broadcasting.
-
-    The same grad as autograd of Phi (as sum_k (y_k - p_k) = 0), but without 1 - p_true, which autograd
-    of log_softmax forms and which rounds to 0 once p_true -> 1. Labelled pixels only.
-    """
-    diff = x[:, None] - mu[None, :, :, None, None]  # (B, N, d, H, W)
-    d = diff.square().sum(2)
-    p = torch.softmax(-torch.log(d + eps) / tau, dim=1)
-    term = diff / (d + eps).unsqueeze(2)  # w_k (x - mu_k)
-    index = labels[:, None, None].expand(-1, 1, x.shape[1], -1, -1)
-    term_true = term.gather(1, index)  # (B, 1, d, H, W)
-    p_other = p.scatter(1, labels.unsqueeze(1), 0.0)
-    return (2 / tau) * (p_other.unsqueeze(2) * (term_true - term)).sum(1)
-
-
-@pytest.mark.parametrize("tau", [0.05, 1.0])
-def test_correction_where_p_true_rounds_to_one(tau):
-    # At 0.03 from the true centroid (N = 150) 1 - p_true is ~1e-20 at tau = 0.05: computed as 1 - p_true,
-    # even in float64, it is 0 (autograd of log_softmax misses the pixel's attraction there). Kept out
-    # of the sums, every pixel's value stays within 1e-3 of the reference in float32, 1e-9 in float64;
-    # and (1/eps)^(1/tau) = 1e60 would overflow float32 if p were not taken relative to the closest class.
-    mu = kronecker64(150)
-    g = torch.Generator().manual_seed(6)
-    labels = torch.randint(0, 150, (1, 4, 16), generator=g)
-    x = torch.rand(1, 3, 4, 16, generator=g, dtype=torch.float64) * 8 - 4
-    near = mu[labels[0, :2]].permute(2, 0, 1)  # (3, 2, 16): the true centroids of the first two rows
-    offset = torch.randn(3, 2, 16, generator=g, dtype=torch.float64)
-    x[0, :, :2] = near + 0.03 * offset / offset.norm(dim=0)
-    expected = reference_neg_log_correction(x, labels, mu, tau, EPS)
-    assert torch.allclose(expected[0, :, 2:], autograd_correction(x, labels, mu, tau, EPS, "neg_log")[0, :, 2:],
-                          rtol=1e-9, atol=1e-12)  # the two oracles agree away from the centroids
-    for dtype, tolerance in ((torch.float32, 1e-3), (torch.float64, 1e-9)):
-        for chunk in (None, 16):
-            got = distance_correction(x.to(dtype), labels, mu.to(dtype), tau, EPS, "neg_log", chunk).double()
-            assert torch.isfinite(got).all()
-            error = (got - expected).norm(dim=1) / expected.norm(dim=1)
-            assert (error < tolerance).all(), (tau, dtype, chunk, error.max().item())
-
-
-def test_correction_in_small_pixel_blocks(monkeypatch):
-    # blocks of 2 pixels (the last one ragged) and class chunks of 4 give the autograd values too
-    monkeypatch.setattr(objective, "CORRECTION_BLOCK_ELEMENTS_CPU", 8)
-    mu = kronecker64(11)
-    g = torch.Generator().manual_seed(7)
-    x = torch.rand(2, 3, 3, 5, generator=g, dtype=torch.float64) * 2.2 - 1.1
-    labels = torch.randint(0, 11, (2, 3, 5), generator=g)
-    labels[1, 0, 1] = IGNORE_INDEX
-    for transform, tau in (("neg_log", 1.0), ("neg_log", 0.3), ("inverse", 0.7)):
-        expected = autograd_correction(x, labels, mu, tau, EPS, transform)
-        got = distance_correction(x, labels, mu, tau, EPS, transform, class_chunk=4)
-        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-9), (transform, tau)
-
-
-def test_minus_grad_attracts_in_one_dimension():
-    # d = 1, classes at -1 and +1, true class +1: between them, attraction to +1 and repulsion from -1
-    # both point to +1. (Beyond -1 the repulsion points outwards and can win: see docs/core.md.)
-    mu = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
-    x = torch.linspace(-0.99, 0.99, 50, dtype=torch.float64).view(1, 1, 1, 50)
-    labels = torch.ones(1, 1, 50, dtype=torch.long)
-    for transform in TRANSFORMS:
-        step = -distance_correction(x, labels, mu, 1.0, EPS, transform)
-        assert (step >= 0).all() and (step[..., :25] > 0).all(), transform  # 1/d saturates to 0 near +1
-
-
-@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
-def test_each_class_term_attracts_to_true_and_repels_from_others(transform):
-    # -grad_x = sum_k dPhi/dmu_k (Phi depends on x - mu_k only), so autograd w.r.t. each centroid gives
-    # class k's share of the step: it must point from x to mu_true for the true class and from mu_k
-    # to x for every other class.
-    mu = kronecker64(19)
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(40, 3, generator=g, dtype=torch.float64) * 2 - 1  # (P, d)
-    true = torch.randint(0, 19, (40,), generator=g)
-    per_pixel_mu = mu.expand(40, 19, 3).clone().requires_grad_(True)  # (P, N, d)
-    d = (x[:, None] - per_pixel_mu).square().sum(-1)
-    phi = -torch.log_softmax(REFERENCE_T[transform](d, EPS), dim=1)[torch.arange(40), true].sum()
-    (share,) = torch.autograd.grad(phi, per_pixel_mu)  # (P, N, d)
-    step = -distance_correction(x.T.reshape(1, 3, 1, 40), true.view(1, 1, 40), mu, 1.0, EPS, transform)
-    assert torch.allclose(share.sum(1), step.reshape(3, 40).T, atol=1e-9)
-    outward = x[:, None] - mu[None]  # (P, N, d) from mu_k to x
-    coefficient = (share * outward).sum(-1) / outward.square().sum(-1)  # (P, N)
-    assert torch.allclose(share, coefficient.unsqueeze(-1) * outward, atol=1e-12)  # parallel
-    is_true = torch.nn.functional.one_hot(true, 19).bool()
-    assert (coefficient[is_true] <= 0).all() and (coefficient[~is_true] >= 0).all()
-    assert (coefficient[is_true] < 0).sum() > 20
-
-
-def test_neg_log_step_points_home_near_true_and_away_near_wrong_centroids():
-    # the net effect the paper relies on, for its default T(d) = -log(d + eps): within 0.05 of a centroid
-    # (N = 19, spacing ~0.59) the step points to it if it is the true class and away from it otherwise
-    mu = kronecker64(19)
-    directions = torch.randn(64, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    directions /= directions.norm(dim=1, keepdim=True)
-    true, wrong = 5, 12
-    labels = torch.full((1, 1, 64), true)
-    x = (mu[true] + 0.05 * directions).T.reshape(1, 3, 1, 64)
-    step = -distance_correction(x, labels, mu, 1.0, EPS, "neg_log")
-    assert ((step * (mu[true].view(1, 3, 1, 1) - x)).sum(1) > 0).all()
-    x = (mu[wrong] + 0.05 * directions).T.reshape(1, 3, 1, 64)
-    step = -distance_correction(x, labels, mu, 1.0, EPS, "neg_log")
-    assert ((step * (x - mu[wrong].view(1, 3, 1, 1))).sum(1) > 0).all()
-
-
-@pytest.mark.parametrize("transform", ["neg_log", "inverse"])
-def test_correction_vanishes_at_the_true_centroid_as_eps_shrinks(transform):
-    # at x1_hat = mu_true only the other classes' p_k remain: p_k = O(eps) for -log, O(exp(-1/eps)) for 1/d
-    mu = kronecker64(19)
-    labels = torch.arange(19).view(1, 1, 19)
-    x = mu.T.reshape(1, 3, 1, 19).clone()
-    norms = [distance_correction(x, labels, mu, 1.0, eps, transform).norm(dim=1).max().item()
-             for eps in (1e-3, 1e-4, 1e-5)]
-    away = distance_correction(x + 0.1, labels, mu, 1.0, 1e-3, transform).norm(dim=1).min().item()
-    assert norms[0] < 0.05 * away
-    if transform == "neg_log":
-        assert norms[0] / norms[1] == pytest.approx(10, rel=0.05) and norms[1] / norms[2] == pytest.approx(10, rel=0.05)
-    else:
-        assert norms[1] < 1e-30
-
-
-def test_correction_rejects_bad_input():
-    mu = kronecker64(5)
-    x = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
-    labels = torch.zeros(1, 2, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="do not match"):
-        distance_correction(x, torch.zeros(1, 2, 3, dtype=torch.long), mu, 1.0, EPS)
-    with pytest.raises(ValueError, match="outside"):
-        distance_correction(x, labels + 5, mu, 1.0, EPS)
-    with pytest.raises(ValueError, match="tau and eps must be > 0"):
-        distance_correction(x, labels, mu, 0.0, EPS)
-    with pytest.raises(ValueError, match="non-finite"):
-        distance_correction(x * math.inf, labels, mu, 1.0, EPS)
-    with pytest.raises(ValueError, match="unknown distance transform"):
-        distance_correction(x, labels, mu, 1.0, EPS, "square")
-
-
-# ------------------------------------------------------------------ the objective
+from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 
 
 def zero_model(x_t, t, image):
@@ -246,7 +29,7 @@ def test_vanilla_loss_closed_form_with_zero_model():
     mu = enc.centroids[labels.clamp(max=6)].permute(0, 3, 1, 2)
     expected = (mu - image).square().sum(1)[valid].mean()
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert out.metrics["loss_fm"] == pytest.approx(out.metrics["loss"]) and out.metrics["correction_norm"] == 0.0
+    assert out.metrics["loss_fm"].item() == pytest.approx(out.loss.item()) and out.metrics["correction_norm"].item() == 0
     # unmasked, the ignore pixels count with target 0 - x_0
     unmasked = FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla", mask_ignore=False))(zero_model, image, labels)
     target = torch.where(valid.unsqueeze(1), mu - image, -image)
@@ -290,7 +73,7 @@ def test_reshaped_loss_against_autograd_target(parameterization, transform):
     gap = (1 - t).view(-1, 1, 1, 1)
     x1_hat = x_t + gap * output if parameterization == "v" else output
     v_pred = output if parameterization == "v" else (output - x_t) / gap.clamp_min(0.05)
-    v_target = (x1 - image) - 0.4 * autograd_correction(x1_hat, labels, mu, 0.7, 1e-3, transform)
+    v_target = (x1 - image) - 0.4 * reference_correction(x1_hat, labels, mu, 0.7, 1e-3, transform)
     expected = (v_pred - v_target).square().sum(1)[valid].mean()
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-9)
 
@@ -365,15 +148,36 @@ def test_class_chunking_and_lambda_schedule():
         annealed.lam_at(1.5)
 
 
-def test_diagnose_closed_form_for_zero_model():
-    # vanilla, v_pred = 0: signal = ||v*|| = ||x_1 - x_0||, x1_hat = x_t, distance = (1 - t) ||x_1 - x_0||
+
+def test_targets_closed_form_for_zero_model():
+    # vanilla, v_pred = 0: v_target - v_pred = v* = x_1 - x_0, x1_hat = x_t, so ||x1_hat - x_1|| = (1 - t) ||v*||
     enc = build_encoding("kronecker", 7)
     image, labels = make_batch()
-    diag = FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla")).diagnose(zero_model, image, labels)
-    span = (enc.encode(labels, ignore_fill=image) - image).norm(dim=1)
-    assert torch.allclose(diag.signal, span, atol=1e-6)
-    assert torch.allclose(diag.distance, (1 - diag.t).view(-1, 1, 1) * span, atol=1e-6)
-    assert torch.equal(diag.valid, labels != IGNORE_INDEX)
+    f = FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla")).targets(zero_model, image, labels)
+    x1 = enc.encode(labels, ignore_fill=image)
+    span = (x1 - image).norm(dim=1)
+    assert torch.allclose((f.v_target - f.v_pred).norm(dim=1), span, atol=1e-6)
+    assert torch.allclose((f.x1_hat - x1).norm(dim=1), (1 - f.t).view(-1, 1, 1) * span, atol=1e-6)
+    assert torch.equal(f.valid, labels != IGNORE_INDEX) and torch.equal(f.weight, f.valid.float())
+
+
+@pytest.mark.parametrize("mask_ignore", [True, False])
+def test_sample_path_is_the_straight_path_from_the_image_to_the_encoded_mask(mask_ignore):
+    enc = build_encoding("bits", 7)  # d = 3 bits
+    image, labels = make_batch()
+    objective = FlowMatchingObjective(enc, ObjectiveConfig(mask_ignore=mask_ignore, t_zero_fraction=0.5))
+    path = objective.sample_path(image, labels, torch.Generator().manual_seed(3))
+    assert torch.equal(path.x_0, image_to_x0(image, 3))
+    assert torch.equal(path.x_1, enc.encode(labels, ignore_fill=image if mask_ignore else None))
+    assert torch.allclose(path.x_t, interpolate(path.x_0, path.x_1, path.t))
+    assert torch.equal(path.labels, labels) and torch.equal(path.valid, labels != IGNORE_INDEX)
+    # the same draw through the training path (sample_path, network, loss) and through __call__
+    model = lambda x_t, t, img: 0.3 * x_t + img  # noqa: E731
+    by_parts = objective.loss(model(path.x_t, path.t, image), path)
+    whole = objective(model, image, labels, generator=torch.Generator().manual_seed(3))
+    assert by_parts.loss.item() == whole.loss.item()
+    with pytest.raises(ValueError, match="do not match image"):
+        objective.sample_path(image, labels[:, :3])
 
 
 def test_objective_rejects_bad_input():
@@ -394,65 +198,7 @@ def test_objective_rejects_bad_input():
         objective(zero_model, image, labels[:, :3])
     with pytest.raises(ValueError, match="network output and x_t"):
         objective(lambda x_t, t, img: x_t[:, :2], image, labels)
-    with pytest.raises(ValueError, match="non-finite"):
-        objective(zero_model, image * math.nan, labels)
-
-
-# ------------------------------------------------------------------ discriminative baseline
-
-
-def test_discriminative_loss_by_hand():
-    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]], [[1.0, 5.0]]]])  # (1, 3, 1, 2)
-    labels = torch.tensor([[[0, IGNORE_INDEX]]])
-    out = discriminative_loss(logits, labels)
-    assert out.loss.item() == pytest.approx(-(2.0 - math.log(math.exp(2) + 1 + math.e)))
-    assert out.metrics["pixel_accuracy"] == 1.0
-    empty = discriminative_loss(logits, torch.full((1, 1, 2), IGNORE_INDEX))
-    assert empty.loss.item() == 0.0
-    with pytest.raises(ValueError, match="do not match logits"):
-        discriminative_loss(logits, torch.zeros(1, 2, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="outside"):
-        discriminative_loss(logits, torch.tensor([[[0, 3]]]))
-
-
-def test_token_loss_against_a_per_patch_loop():
-    """Each token's target is its patch's label histogram; ignore pixels are left out of it, and a
-    patch with no valid pixel is left out of the mean."""
-    torch.manual_seed(0)
-    labels = torch.randint(0, 5, (2, 4, 6))
-    labels[0, :2, :2] = IGNORE_INDEX                 # patch (0, 0) of image 0: no valid pixel
-    labels[1, 2, 4] = IGNORE_INDEX                   # patch (1, 2) of image 1: 3 valid pixels
-    logits = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)  # (B, L = 2 x 3, N)
-    out = token_classification_loss(logits, labels, patch_size=2)
-
-    terms = []
-    for b in range(2):
-        for row in range(2):
-            for col in range(3):
-                patch = labels[b, 2 * row:2 * row + 2, 2 * col:2 * col + 2].flatten()
-                patch = patch[patch != IGNORE_INDEX]
-                if len(patch):
-                    log_p = torch.log_softmax(logits[b, 3 * row + col], dim=0)
-                    terms.append(-sum(log_p[k] for k in patch.tolist()) / len(patch))
-    expected = torch.stack(terms).mean()
-    assert len(terms) == 11
-    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert out.metrics["loss_token"] == pytest.approx(expected.item(), rel=1e-6)
-    (grad,) = torch.autograd.grad(out.loss, logits)
-    (expected_grad,) = torch.autograd.grad(expected, logits)
-    torch.testing.assert_close(grad, expected_grad)
-    assert torch.equal(grad[0, 0], torch.zeros(5, dtype=torch.float64))  # the all-ignore patch
-
-
-def test_token_loss_is_the_target_entropy_at_its_minimum_and_rejects_bad_input():
-    labels = torch.tensor([[[1, 1, 2, 2], [1, 0, 2, 2]]])  # patches of 2: shares (1/4, 3/4, 0), (0, 0, 1)
-    share = torch.tensor([[[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]]])
-    best = token_classification_loss(torch.log(share.clamp_min(1e-30)), labels, patch_size=2)
-    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)) / 2
-    assert best.loss.item() == pytest.approx(entropy, rel=1e-5)
-    with pytest.raises(ValueError, match=r"do not match labels \(1, 2, 4\) in patches of 2 x 2"):
-        token_classification_loss(torch.zeros(1, 3, 3), labels, patch_size=2)
-    with pytest.raises(ValueError, match="outside"):
-        token_classification_loss(torch.zeros(1, 2, 3), torch.full((1, 2, 4), 3), patch_size=2)
-    with pytest.raises(ValueError, match=r"\(B, L, N\)"):
-        token_classification_loss(torch.zeros(1, 2, 3, 1), labels, patch_size=2)
+    with pytest.raises(ValueError, match=r"t_zero_fraction must be in \[0, 1\], got 1.5"):
+        ObjectiveConfig(t_zero_fraction=1.5)
+    with pytest.raises(ValueError, match="token_loss_weight must be >= 0"):
+        ObjectiveConfig(token_loss_weight=-1.0)

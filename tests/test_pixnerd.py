@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from flowseg.models import DiscriminativeFieldTransformer, ModelSize, PixelFieldTransformer, load_pixnerd_checkpoint
-from flowseg.models.pixnerd import pixnerd_state_dict
+from flowseg.models.pixnerd import pixnerd_key_map
 
 TINY = ModelSize("tiny-test", width=32, heads=2, depth=2, field_depth=2, patch_size=4, field_width=8)
 
@@ -129,6 +129,13 @@ def pixnerd_reference(w, x, t, heads=2, depth=2, field_depth=2, patch=4, nerf_ra
     return F.fold(out, (height, width_px), patch, stride=patch)
 
 
+def under_pixnerd_names(model):
+    """The weights of a model with PixNerd's channel layout (dim 3, no image conditioning, patch stem),
+    under PixNerd's parameter names: the loader's key map read backwards."""
+    ours = model.state_dict()
+    return {theirs: ours[name] for theirs, name in pixnerd_key_map(model).items()}
+
+
 def lightning_file(tmp_path, state, name="pixnerd.ckpt"):
     """A Lightning-style checkpoint: EMA and raw denoiser copies plus unrelated modules."""
     noisy = {k: v + 1.0 for k, v in state.items()}
@@ -151,7 +158,7 @@ def test_large_sizes_have_pixnerd_shapes(size, width, depth, field_depth):
         model = PixelFieldTransformer(size, dim=3, image_conditioning=False)
     expected = pixnerd_shapes(width, 16, depth, field_depth)
     del expected["y_embedder.embedding_table.weight"]
-    ours = {k: tuple(v.shape) for k, v in pixnerd_state_dict(model).items()}
+    ours = {k: tuple(v.shape) for k, v in under_pixnerd_names(model).items()}
     assert ours == expected
 
 
@@ -165,7 +172,7 @@ def test_loaded_model_computes_pixnerd_forward(tmp_path):
     assert report.adapted == [] and report.missing == [] and report.unexpected == []
     assert len(report.loaded) == len(list(model.parameters()))
     x, t = torch.randn(2, 3, 8, 12), torch.rand(2)
-    assert torch.allclose(model(x, t), pixnerd_reference(state, x, t), atol=1e-4)
+    assert torch.allclose(model(x, t).out, pixnerd_reference(state, x, t), atol=1e-4)
 
 
 def test_image_conditioned_model_is_adapted_and_starts_as_pixnerd(tmp_path):
@@ -177,10 +184,10 @@ def test_image_conditioned_model_is_adapted_and_starts_as_pixnerd(tmp_path):
     report = load_pixnerd_checkpoint(model, path)
     assert report.prefix == ""
     assert report.adapted == [
-        "patch_embed.weight <- s_embedder.proj.weight: (32, 48) -> (32, 96)",
+        "stem.proj.weight <- s_embedder.proj.weight: (32, 48) -> (32, 96)",
         "field.embed.weight <- x_embedder.embedder.0.weight: (8, 67) -> (8, 70)",
     ]
-    patch_weight = model.patch_embed.weight.view(32, 6, 16)
+    patch_weight = model.stem.proj.weight.view(32, 6, 16)
     assert torch.equal(patch_weight[:, :3], state["s_embedder.proj.weight"].view(32, 3, 16))
     assert torch.equal(patch_weight[:, 3:], torch.zeros(32, 3, 16))
     embed = model.field.embed.weight  # columns: x_t (3), image (3), DCT (64)
@@ -189,7 +196,7 @@ def test_image_conditioned_model_is_adapted_and_starts_as_pixnerd(tmp_path):
     assert torch.equal(embed[:, 6:], state["x_embedder.embedder.0.weight"][:, 3:])
     # the image channels start at zero weight: the network is exactly PixNerd whatever the image
     x, t = torch.randn(1, 3, 8, 8), torch.rand(1)
-    assert torch.allclose(model(x, t, torch.randn(1, 3, 8, 8)), pixnerd_reference(state, x, t), atol=1e-4)
+    assert torch.allclose(model(x, t, torch.randn(1, 3, 8, 8)).out, pixnerd_reference(state, x, t), atol=1e-4)
 
 
 def test_other_encoding_dimensions_adapt_outputs(tmp_path):
@@ -203,7 +210,7 @@ def test_other_encoding_dimensions_adapt_outputs(tmp_path):
     twin = DiscriminativeFieldTransformer(TINY, num_classes=2)  # fewer outputs than PixNerd: a slice
     load_pixnerd_checkpoint(twin, path)
     assert torch.equal(twin.field.out.bias, state["final_layer.linear.bias"][:2])
-    assert torch.equal(twin.patch_embed.weight, state["s_embedder.proj.weight"])
+    assert torch.equal(twin.stem.proj.weight, state["s_embedder.proj.weight"])
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -213,7 +220,7 @@ def test_round_trip_of_the_models_own_weights(tmp_path, suffix):
     with torch.no_grad():
         for param in source.parameters():
             param.normal_()
-    state = {k: v.contiguous() for k, v in pixnerd_state_dict(source).items()}
+    state = {k: v.contiguous() for k, v in under_pixnerd_names(source).items()}
     path = tmp_path / f"weights{suffix}"
     if suffix == ".safetensors":
         save_file(state, path)
@@ -233,7 +240,7 @@ def test_shape_mismatches_are_all_listed(tmp_path):
         load_pixnerd_checkpoint(PixelFieldTransformer(wider, dim=3, image_conditioning=False), path)
     message = str(error.value)
     assert "shape mismatch" in message
-    assert "s_embedder.proj.weight -> patch_embed.weight: checkpoint (32, 48), model (48, 48)" in message
+    assert "s_embedder.proj.weight -> stem.proj.weight: checkpoint (32, 48), model (48, 48)" in message
     assert "blocks.3.param_generator1.0.weight -> field.blocks.1.weight_generator.weight: " \
         "checkpoint (256, 32), model (256, 48)" in message
     listed = [line for line in message.splitlines() if line.startswith("  ")]
@@ -268,8 +275,6 @@ def test_bad_files_and_models(tmp_path):
         load_pixnerd_checkpoint(PixelFieldTransformer(TINY, 3), path)
     with pytest.raises(TypeError, match="must be a flowseg field transformer"):
         load_pixnerd_checkpoint(torch.nn.Linear(2, 2), path)
-    with pytest.raises(ValueError, match="no PixNerd state dict exists"):
-        pixnerd_state_dict(PixelFieldTransformer(TINY, 3))
 
 
 def test_conv_stem_model_takes_everything_but_the_patch_embedding(tmp_path):
@@ -280,13 +285,11 @@ def test_conv_stem_model_takes_everything_but_the_patch_embedding(tmp_path):
     with pytest.raises(ValueError, match=r"unexpected checkpoint key\(s\): \['s_embedder.proj.weight', "
                                          r"'s_embedder.proj.bias'\]") as error:
         load_pixnerd_checkpoint(PixelFieldTransformer(TINY, 3, image_conditioning=False, stem="conv"), path)
-    assert "conv_stem.layers.0.weight" in str(error.value)
+    assert "stem.layers.0.weight" in str(error.value)
     model = PixelFieldTransformer(TINY, 3, image_conditioning=False, stem="conv")
-    initial = model.conv_stem.layers[0].weight.clone()
+    initial = model.stem.layers[0].weight.clone()
     report = load_pixnerd_checkpoint(model, path, strict=False)
     assert sorted(report.unexpected) == ["s_embedder.proj.bias", "s_embedder.proj.weight"]
-    assert report.missing and all(name.startswith("conv_stem.") for name in report.missing)
-    assert torch.equal(model.conv_stem.layers[0].weight, initial)
+    assert report.missing and all(name.startswith("stem.layers.") for name in report.missing)
+    assert torch.equal(model.stem.layers[0].weight, initial)
     assert torch.equal(model.trunk[0].attn.proj.bias, state["blocks.0.attn.proj.bias"])
-    with pytest.raises(ValueError, match="the 'conv' stem has no PixNerd state dict"):
-        pixnerd_state_dict(model)

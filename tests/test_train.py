@@ -10,8 +10,11 @@ import torch
 from flowseg.checkpoint import list_checkpoints, load_train_state, load_weights
 from flowseg.config import OptimConfig, load_config
 from flowseg.data import build_dataset
+from flowseg.models.field import ConvStem, FieldOutput
 from flowseg.predict import build_network, load_segmenter
-from flowseg.train import ExponentialMovingAverage, KeyedSamples, StepBatches, TrainingDiverged, learning_rate, train
+from flowseg.train import (
+    COSINE_FLOOR, ExponentialMovingAverage, KeyedSamples, StepBatches, TrainingDiverged, learning_rate, train,
+)
 
 TINY = ["data.name=shapes", "data.image_size=16", "data.augment=null", "data.options.length=12",
         "model.size=T/8", "train.batch_size=4", "train.steps=4", "train.log_every=1", "train.val_every=0",
@@ -40,12 +43,12 @@ def tiny_datasets(train_size=12):
 # ---- closed forms ------------------------------------------------------------------------------
 
 def test_learning_rate_warmup_and_cosine_closed_form():
-    optim = OptimConfig(lr=2.0, warmup_steps=4, min_lr_ratio=0.1)
+    optim, r = OptimConfig(lr=2.0, warmup_steps=4), COSINE_FLOOR
     assert learning_rate(optim, 0, 0.0) == pytest.approx(0.5)            # (0 + 1) / 4 of the peak
     assert learning_rate(optim, 3, 0.0) == pytest.approx(2.0)
-    assert learning_rate(optim, 10, 0.5) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
-    assert learning_rate(optim, 10, 1.0) == pytest.approx(0.2)           # floor at the end
-    assert learning_rate(optim, 10, 0.25) == pytest.approx(2.0 * (0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2))
+    assert learning_rate(optim, 10, 0.5) == pytest.approx(2.0 * (r + (1 - r) * 0.5))
+    assert learning_rate(optim, 10, 1.0) == pytest.approx(2.0 * r)       # floor at the end
+    assert learning_rate(optim, 10, 0.25) == pytest.approx(2.0 * (r + (1 - r) * (1 + math.cos(math.pi / 4)) / 2))
     constant = OptimConfig(lr=2.0, warmup_steps=0, schedule="constant")
     assert learning_rate(constant, 0, 0.9) == 2.0
 
@@ -143,7 +146,7 @@ def test_twin_learns_a_small_training_set(tmp_path):
 
 @pytest.mark.parametrize("kind", ["flow", "discriminative"])
 def test_the_token_loss_joins_the_training_loss_and_its_head_travels_with_the_checkpoint(tmp_path, kind):
-    config = tiny_config(tmp_path, f"model.kind={kind}", "model.token_loss_weight=0.5")
+    config = tiny_config(tmp_path, f"model.kind={kind}", "model.token_head=true", "objective.token_loss_weight=0.5")
     result = train(config, datasets=tiny_datasets())
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "train"]
@@ -159,9 +162,9 @@ def test_a_conv_stem_run_saves_a_checkpoint_that_eval_and_predict_rebuild(tmp_pa
     config = tiny_config(tmp_path, "model.stem=conv")
     result = train(config, datasets=tiny_datasets())
     segmenter, _ = load_segmenter(result.checkpoint)  # strict key matching: the stem must be rebuilt
-    assert segmenter.model.stem == "conv" and not hasattr(segmenter.model, "patch_embed")
+    assert isinstance(segmenter.model.stem, ConvStem)
     saved = load_weights(result.checkpoint, "ema")
-    assert torch.equal(segmenter.model.conv_stem.layers[0].weight, saved["conv_stem.layers.0.weight"])
+    assert torch.equal(segmenter.model.stem.layers[0].weight, saved["stem.layers.0.weight"])
 
 
 class Killed(Exception):
@@ -233,8 +236,8 @@ class NanAfterCalls(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         self.calls -= 1
-        out = self.model(*args, **kwargs)
-        return out + float("nan") if self.calls < 0 else out
+        output = self.model(*args, **kwargs)
+        return FieldOutput(output.out + float("nan"), output.token_logits) if self.calls < 0 else output
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -119,12 +119,14 @@ def test_build_transform_choices():
     assert isinstance(build_transform((16, 24), True), RandomScaleCropFlip)
     assert build_transform(16, {"scale_range": [0.8, 1.2]}).config == AugmentConfig(scale_range=(0.8, 1.2))
     assert as_augment_config(False) is None
+    assert AugmentConfig(scale_range=[0.8, 1.2]).scale_range == (0.8, 1.2)  # a list from a config file
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda: as_augment_config({"rotate": 10}), "unknown augment option(s) ['rotate']; valid options"),
     (lambda: as_augment_config("yes"), "augment must be None, a bool, a mapping or an AugmentConfig, got str"),
     (lambda: AugmentConfig(scale_range=(2.0, 1.0)), "scale_range must satisfy 0 < low <= high"),
+    (lambda: AugmentConfig(scale_range=(1.0,)), "scale_range must be a pair (low, high), got (1.0,)"),
     (lambda: AugmentConfig(image_fill=3.0), "image_fill must lie in [-1, 1]"),
     (lambda: build_transform(None, True), "image_size cannot be None when augment is set"),
     (lambda: as_size((3, -1)), "image_size must be a positive int or a pair (H, W) of positive ints, got (3, -1)"),

@@ -49,17 +49,21 @@ class Resize:
         return resize_pair(image, label, self.size)
 
 
-@dataclass(frozen=True)
+@dataclass
 class AugmentConfig:
     """Training augmentation. The image is resized so that its shorter side is s * min(crop_size),
     s ~ U(scale_range); then a crop_size window is cut at a random place (padding with ignore where the
-    image is smaller) and flipped left-right with probability 1/2 when hflip."""
+    image is smaller) and flipped left-right with probability 1/2 when hflip. Also the `data.augment`
+    section of a run's config."""
 
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
-    image_fill: float = 0.0
+    image_fill: float = 0.0  # padding value of the image, in [-1, 1]
 
     def __post_init__(self):
+        self.scale_range = tuple(self.scale_range)  # a config file gives a list
+        if len(self.scale_range) != 2:
+            raise ValueError(f"augment scale_range must be a pair (low, high), got {self.scale_range}")
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ValueError(f"augment scale_range must satisfy 0 < low <= high, got {self.scale_range}")
@@ -73,10 +77,10 @@ class RandomScaleCropFlip:
     Randomness comes from `generator` (torch's global RNG when None, which DataLoader workers seed).
     """
 
-    def __init__(self, crop_size: tuple[int, int], config: AugmentConfig = AugmentConfig(),
+    def __init__(self, crop_size: tuple[int, int], config: AugmentConfig | None = None,
                  generator: torch.Generator | None = None):
         self.crop_size = as_size(crop_size, "crop_size")
-        self.config = config
+        self.config = config or AugmentConfig()
         self.generator = generator
 
     def _uniform(self, low: float, high: float) -> float:
@@ -122,10 +126,7 @@ def as_augment_config(augment: bool | dict | AugmentConfig | None) -> AugmentCon
         unknown = sorted(set(augment) - set(valid))
         if unknown:
             raise ValueError(f"unknown augment option(s) {unknown}; valid options: {valid}")
-        values = dict(augment)
-        if "scale_range" in values:
-            values["scale_range"] = tuple(values["scale_range"])
-        return AugmentConfig(**values)
+        return AugmentConfig(**augment)
     raise TypeError(f"augment must be None, a bool, a mapping or an AugmentConfig, got {type(augment).__name__}")
 
 

@@ -3,6 +3,7 @@
 from flowseg.models.field import (
     SIZES,
     DiscriminativeFieldTransformer,
+    FieldOutput,
     ModelSize,
     PixelFieldTransformer,
     build_model,
@@ -12,6 +13,7 @@ from flowseg.models.pixnerd import LoadReport, load_pixnerd_checkpoint
 __all__ = [
     "SIZES",
     "DiscriminativeFieldTransformer",
+    "FieldOutput",
     "LoadReport",
     "ModelSize",
     "PixelFieldTransformer",

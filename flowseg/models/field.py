@@ -1,13 +1,15 @@
 """The pixel neural-field transformer (PixNerd-style) and its discriminative twin.
 
-    tokens  s_0 = W_patch patchify(avgpool_qs(u)) + b       u = [x_t, I]: network input (B, c_in, H, W)
-            (or s_0 = ConvStem(avgpool_qs(u)), stem="conv": 3x3 convolutions down to the same patch grid)
+    stem    s_0 = W_patch patchify(avgpool_qs(u)) + b       u = [x_t, I]: network input (B, c_in, H, W)
+            (PatchEmbedding; or ConvStem: 3x3 convolutions down to the same patch grid)
     time    e_t = MLP(sinusoid(t)),  c = SiLU(e_t)
     trunk   s_{l+1} = TrunkBlock(s_l, c)                     adaLN-Zero DiT blocks, 2-D RoPE
     field   per patch token s = SiLU(s_L + e_t) and each of its query pixels (i, j):
             h_0 = W_in [u(i, j), DCT(i, j)],  h_{k+1} = FieldBlock_k(h_k; s),  out = W_out RMSNorm(h_K)
     tokens  optional token head (token_classes = N): z_l = W_tok s_L,l, N class logits per patch token,
-            trained by an auxiliary loss (objective.token_classification_loss) and unused when sampling
+            trained by an auxiliary loss (losses.token_classification_loss) and unused when sampling
+
+Both networks return a FieldOutput: the per-pixel output and, with a token head, the token logits.
 
 query_scale = qs: the inputs come at the query resolution (H, W). The trunk sees them area-downsampled
 by qs, so each token covers a (p qs) x (p qs) block of query pixels; the field decoder evaluates every
@@ -92,9 +94,19 @@ def unpatchify(patches: Tensor, grid_h: int, grid_w: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# token stems
+# token stems: u (B, c_in, H, W) -> tokens (B, L, C), L = (H / p)(W / p) in row-major patch order
 
-STEMS = ("patch", "conv")
+
+class PatchEmbedding(nn.Module):
+    """s_0 = W patchify(u) + b: one linear map per p x p patch (PixNerd's s_embedder)."""
+
+    def __init__(self, in_channels: int, width: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_channels * patch_size * patch_size, width)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.proj(patchify(inputs, self.patch_size).flatten(2))  # (B, L, c_in p^2) -> (B, L, C)
 
 
 class ConvStem(nn.Module):
@@ -106,7 +118,7 @@ class ConvStem(nn.Module):
     at C). The (H/p, W/p) output grid is the patch grid, so token l still stands for patch l; it also
     sees a few pixels beyond its patch. The convolutions bring the locality prior that a linear patch
     embedding lacks and that a small model trained for minutes cannot learn from attention alone
-    (docs/model.md, "Convolutional stem": 0.72 against 0.65 val mIoU after 2000 mnist-seg steps).
+    (docs/model.md, "Convolutional stem").
     """
 
     full_resolution_layers = 2
@@ -130,8 +142,10 @@ class ConvStem(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, inputs: Tensor) -> Tensor:
-        """u (B, c_in, H, W) -> tokens (B, L, C), L = (H / p)(W / p) in row-major order."""
         return self.layers(inputs).flatten(2).transpose(1, 2)  # (B, C, H/p, W/p) -> (B, L, C)
+
+
+STEMS: dict[str, type[nn.Module]] = {"patch": PatchEmbedding, "conv": ConvStem}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +217,13 @@ def init_output_zero(decoder: NeuralFieldDecoder) -> None:
 # the networks
 
 
+@dataclass
+class FieldOutput:
+    """What a forward pass returns."""
+    out: Tensor                  # (B, c_out, H, W): v (or x1_hat) of the flow model, the twin's N logits
+    token_logits: Tensor | None  # (B, L, N) from the token head, tokens in row-major patch order; None without one
+
+
 def _check_image_like(name: str, x: object, channels: int, batch: int | None = None) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -214,8 +235,8 @@ def _check_image_like(name: str, x: object, channels: int, batch: int | None = N
 
 
 class FieldTransformerBase(nn.Module):
-    """Token stem (patch embedding or ConvStem), time embedding, trunk and field decoder over a generic
-    input u (B, c_in, H, W)."""
+    """Token stem (STEMS[stem]), time embedding, trunk and field decoder over a generic input u
+    (B, c_in, H, W), and the optional token head."""
 
     def __init__(self, size: str | ModelSize, in_channels: int, out_channels: int, token_classes: int | None = None,
                  stem: str = "patch"):
@@ -223,12 +244,8 @@ class FieldTransformerBase(nn.Module):
         self.size = resolve_size(size)
         width, patch = self.size.width, self.size.patch_size
         if stem not in STEMS:
-            raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
-        self.stem = stem
-        if stem == "patch":
-            self.patch_embed = nn.Linear(in_channels * patch * patch, width)
-        else:
-            self.conv_stem = ConvStem(in_channels, width, patch)
+            raise ValueError(f"unknown stem {stem!r}; expected one of {tuple(STEMS)}")
+        self.stem = STEMS[stem](in_channels, width, patch)
         self.time_embed = TimestepEmbedder(width)
         self.trunk = nn.ModuleList(
             TrunkBlock(width, self.size.heads, self.size.mlp_ratio) for _ in range(self.size.depth)
@@ -239,22 +256,16 @@ class FieldTransformerBase(nn.Module):
         init_adaln_zero(self.trunk)
         init_output_zero(self.field)
         # built last, so a seed gives the same trunk and field whether or not the head is there
-        self.token_classes = token_classes
+        self.token_head: nn.Linear | None = None
         if token_classes is not None:
             if isinstance(token_classes, bool) or not isinstance(token_classes, int) or token_classes < 2:
                 raise ValueError(f"token_classes must be an integer >= 2 or None, got {token_classes!r}")
             self.token_head = nn.Linear(width, token_classes)
             init_linear_xavier(self.token_head)
 
-    def evaluate(self, inputs: Tensor, t: Tensor, query_scale: int = 1,
-                 return_token_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """u (B, c_in, H, W), t (B,) -> (B, c_out, H, W); see the module docstring for query_scale.
-
-        With return_token_logits also the token head's logits (B, L, N), L = grid_h * grid_w patches in
-        row-major order (the model must have been built with token_classes).
-        """
-        if return_token_logits and self.token_classes is None:
-            raise ValueError("return_token_logits needs a model built with token_classes")
+    def forward_field(self, inputs: Tensor, t: Tensor, query_scale: int = 1) -> FieldOutput:
+        """u (B, c_in, H, W), t (B,) -> out (B, c_out, H, W) and, with a token head, the token logits
+        (B, L, N), L = grid_h * grid_w; see the module docstring for query_scale."""
         if isinstance(query_scale, bool) or not isinstance(query_scale, int) or query_scale < 1:
             raise ValueError(f"query_scale must be an integer >= 1, got {query_scale!r}")
         batch, _, height, width = inputs.shape
@@ -266,30 +277,27 @@ class FieldTransformerBase(nn.Module):
             )
         grid_h, grid_w = height // side, width // side
         coarse = F.avg_pool2d(inputs, query_scale) if query_scale > 1 else inputs
-        if self.stem == "patch":
-            tokens = self.patch_embed(patchify(coarse, self.size.patch_size).flatten(2))  # (B, L, C)
-        else:
-            tokens = self.conv_stem(coarse)  # (B, L, C)
+        tokens = self.stem(coarse)  # (B, L, C)
         time = self.time_embed(t)  # (B, C)
         condition = F.silu(time)
         head_dim = self.size.width // self.size.heads
         rope = tuple(a.to(tokens.dtype) for a in rope_2d_angles(grid_h, grid_w, head_dim, device=inputs.device))
         for block in self.trunk:
             tokens = block(tokens, condition, rope)
-        token_logits = self.token_head(tokens) if return_token_logits else None  # (B, L, N)
+        token_logits = self.token_head(tokens) if self.token_head is not None else None  # (B, L, N)
         # the field's weights come from the token; adding e_t lets them depend on t directly too
         tokens = F.silu(tokens + time[:, None])  # (B, L, C)
         pixels = patchify(inputs, side).transpose(-1, -2)  # (B, L, Q, c_in)
         out = self.field(tokens.flatten(0, 1), pixels.flatten(0, 1))  # (M, Q, c_out)
         out = unpatchify(out.view(batch, grid_h * grid_w, *out.shape[1:]), grid_h, grid_w)  # (B, c_out, H, W)
-        return (out, token_logits) if return_token_logits else out
+        return FieldOutput(out, token_logits)
 
 
 class PixelFieldTransformer(FieldTransformerBase):
-    """The velocity model v_theta(x_t, t, I): (B, d, H, W) in, (B, d, H, W) out.
+    """The velocity model v_theta(x_t, t, I): (B, d, H, W) in, FieldOutput with out (B, d, H, W).
 
-    With image_conditioning the network input is u = [x_t, I] (d + 3 channels) for both the patch
-    embedding and the per-pixel field input; without it u = x_t, as in PixNerd, and image is ignored.
+    With image_conditioning the network input is u = [x_t, I] (d + 3 channels) for both the stem and
+    the per-pixel field input; without it u = x_t, as in PixNerd, and image is ignored.
     """
 
     def __init__(self, size: str | ModelSize, dim: int, image_conditioning: bool = True,
@@ -300,8 +308,7 @@ class PixelFieldTransformer(FieldTransformerBase):
         self.dim = dim
         self.image_conditioning = image_conditioning
 
-    def forward(self, x_t: Tensor, t: Tensor, image: Tensor | None = None, query_scale: int = 1,
-                return_token_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, x_t: Tensor, t: Tensor, image: Tensor | None = None, query_scale: int = 1) -> FieldOutput:
         _check_image_like("x_t", x_t, self.dim)
         batch = x_t.shape[0]
         if not isinstance(t, Tensor):
@@ -320,11 +327,11 @@ class PixelFieldTransformer(FieldTransformerBase):
                     f"image {tuple(image.shape[2:])} and x_t {tuple(x_t.shape[2:])} must have the same H, W"
                 )
             inputs = torch.cat([x_t, image.to(x_t.dtype)], dim=1)  # (B, d + 3, H, W)
-        return self.evaluate(inputs, t, query_scale, return_token_logits)
+        return self.forward_field(inputs, t, query_scale)
 
 
 class DiscriminativeFieldTransformer(FieldTransformerBase):
-    """The same trunk and field decoder mapping an image to N-class logits (B, N, H, W).
+    """The same trunk and field decoder mapping an image to N-class logits (FieldOutput.out, (B, N, H, W)).
 
     There is no time: t is held at 0, so the time embedding becomes a learned constant conditioning
     vector, and parameter count and compute equal the flow model's up to the input/output channels.
@@ -337,11 +344,10 @@ class DiscriminativeFieldTransformer(FieldTransformerBase):
         super().__init__(size, IMAGE_CHANNELS, num_classes, token_classes, stem)
         self.num_classes = num_classes
 
-    def forward(self, image: Tensor, query_scale: int = 1,
-                return_token_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, image: Tensor, query_scale: int = 1) -> FieldOutput:
         _check_image_like("image", image, IMAGE_CHANNELS)
         t = torch.zeros(image.shape[0], device=image.device)
-        return self.evaluate(image, t, query_scale, return_token_logits)
+        return self.forward_field(image, t, query_scale)
 
 
 def build_model(

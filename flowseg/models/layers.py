@@ -176,7 +176,7 @@ def normalize_columns(w: Tensor, eps: float = 1e-12) -> Tensor:
     """w / max(||w||_2, eps) over the input axis -2: every generated unit's weight vector has norm 1.
 
     The same as F.normalize(w, dim=-2), written out because on CPU its strided norm kernel makes the
-    forward and backward about 3x slower, and the field blocks normalise a matrix per patch.
+    forward and backward several times slower, and the field blocks normalise a matrix per patch.
     """
     return w * w.square().sum(-2, keepdim=True).clamp_min(eps * eps).rsqrt()
 

@@ -25,8 +25,8 @@ from flowseg.models.field import FieldTransformerBase
 PIXNERD_CHANNELS = 3
 
 KEY_TABLE: tuple[tuple[str, str], ...] = (
-    ("s_embedder.proj.weight", "patch_embed.weight"),
-    ("s_embedder.proj.bias", "patch_embed.bias"),
+    ("s_embedder.proj.weight", "stem.proj.weight"),
+    ("s_embedder.proj.bias", "stem.proj.bias"),
     ("t_embedder.mlp.0.weight", "time_embed.fc1.weight"),
     ("t_embedder.mlp.0.bias", "time_embed.fc1.bias"),
     ("t_embedder.mlp.2.weight", "time_embed.fc2.weight"),
@@ -70,7 +70,7 @@ class LoadReport:
 
 def pixnerd_key_map(model: FieldTransformerBase) -> dict[str, str]:
     """PixNerd parameter name -> our parameter name, for this model's depths and the parameters it has
-    (a conv-stem model has no counterpart of PixNerd's patch embedding)."""
+    (a conv-stem model has no counterpart of PixNerd's patch embedding, and PixNerd has no token head)."""
     depth, field_depth = model.size.depth, model.size.field_depth
     mapping = {}
     for theirs, ours in KEY_TABLE:
@@ -106,7 +106,7 @@ def channel_layout(model: FieldTransformerBase, ours: str) -> ChannelLayout | No
     in_channels, out_channels = model.field.embed.in_features - dct, model.field.out.out_features
     shared_in = (slice(0, min(PIXNERD_CHANNELS, in_channels)),) * 2
     shared_out = (slice(0, min(PIXNERD_CHANNELS, out_channels)),) * 2
-    if ours == "patch_embed.weight":  # patches are flattened channel-major: (C, channels, p^2)
+    if ours == "stem.proj.weight":  # patches are flattened channel-major: (C, channels, p^2)
         shape = (width, PIXNERD_CHANNELS * patch_pixels)
         view = (width, PIXNERD_CHANNELS, patch_pixels)
         return ChannelLayout(shape, view, (width, in_channels, patch_pixels), 1, (shared_in,))
@@ -211,21 +211,3 @@ def load_pixnerd_checkpoint(
         )
     model.load_state_dict(updates, strict=False)
     return report
-
-
-def pixnerd_state_dict(model: FieldTransformerBase) -> dict[str, Tensor]:
-    """The model's weights under PixNerd's names (the inverse of the loader), for models with PixNerd's
-    own channel layout: 3 input and 3 output channels (dim=3, image_conditioning=False) and PixNerd's
-    patch embedding (stem "patch")."""
-    if model.stem != "patch":
-        raise ValueError(f"a model with the {model.stem!r} stem has no PixNerd state dict: PixNerd embeds "
-                         "patches with one linear layer (stem 'patch')")
-    ours = model.state_dict()
-    offending = [
-        f"{name} {tuple(ours[name].shape)} (PixNerd: {layout.pixnerd_shape})"
-        for name in ours
-        if (layout := channel_layout(model, name)) is not None and ours[name].shape != layout.pixnerd_shape
-    ]
-    if offending:
-        raise ValueError(f"model channels differ from PixNerd's, no PixNerd state dict exists: {offending}")
-    return {theirs: ours[name] for theirs, name in pixnerd_key_map(model).items()}
