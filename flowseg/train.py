@@ -305,17 +305,15 @@ class Trainer:
         discriminative loss for the twin) and, with a token head, by the token loss."""
         image = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
+        path = None if self.objective is None else self.objective.sample_path(image, labels, generator)
+        # only the network runs under autocast: the correction's distance expansion needs float32
         with autocast(self.device, self.config.train.precision):
-            if self.objective is None:
-                output = self.network(image)
-                main = discriminative_loss(output.out.float(), labels)
-            else:
-                path = self.objective.sample_path(image, labels, generator)
-                output = self.network(path.x_t, path.t, image)
-                main = self.objective.loss(output.out.float(), path, progress)
-            if output.token_logits is None:
-                return main
-            token = token_classification_loss(output.token_logits.float(), labels, self.model.size.patch_size)
+            output = self.network(image) if path is None else self.network(path.x_t, path.t, image)
+        out = output.out.float()
+        main = discriminative_loss(out, labels) if path is None else self.objective.loss(out, path, progress)
+        if output.token_logits is None:
+            return main
+        token = token_classification_loss(output.token_logits.float(), labels, self.model.size.patch_size)
         weight = self.config.objective.token_loss_weight
         return LossOutput(main.loss + weight * token.loss, {**main.metrics, **token.metrics})
 
