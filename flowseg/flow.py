@@ -1,21 +1,29 @@
-"""The deterministic flow from an image to its mask (method.md section 1).
+"""The straight path from an image to its mask (docs/method.md, section 1).
 
-x_0 is the image in [-1, 1] (mapped to d channels when d != 3), x_1 the encoded mask,
-x_t = (1 - t) x_0 + t x_1 and the target velocity v* = x_1 - x_0. No Gaussian noise anywhere.
+x_1 is the encoded mask, x_t = (1 - t) x_0 + t x_1 and the target velocity v* = x_1 - x_0. x_0 is the
+image in [-1, 1] mapped to d channels, x_0 = A I, plus, in training, Gaussian noise:
+
+    x_0 = A I + sigma eps,   eps ~ N(0, 1)          (sigma = 0: the paper's deterministic path)
+
+Why the noise: with sigma = 0 and I given to the network, every x_t with t > 0 reveals the answer,
+x_1 = (x_t - (1 - t) A I) / t, so only t = 0 is learned and later sampling steps only copy the first.
+With sigma > 0 the network sees x_1 through noise of std sigma (1 - t) / t, so each t is a denoising
+problem of its own. Sampling starts from the mean of x_0, A I: along the learned flow that start goes
+to the most likely class of each pixel, where the one-step answer is the posterior mean of the mu_k,
+which can lie nearest a third class.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-T_SCHEMES = ("uniform", "logit_normal")
 PARAMETERIZATIONS = ("v", "x")
 # x-prediction divides by 1 - t to get a velocity; clipping the gap keeps v finite near t = 1
 # (the same clip, 0.05, as the x-prediction pixel transformers JiT/PixNerd-style models use).
 MIN_TIME_GAP = 0.05
 
 
-def x0_projection(dim: int) -> Tensor:
+def x0_projection(dim: int, device: torch.device | str | None = None) -> Tensor:
     """The fixed (d, 3) matrix A with x_0 = A image, rows are convex combinations of R, G, B.
 
     d >= 3: channel j copies image channel j mod 3 (RGB repeated). d < 3: channel j is the mean of
@@ -24,7 +32,7 @@ def x0_projection(dim: int) -> Tensor:
     """
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
-    a = torch.zeros(dim, 3)
+    a = torch.zeros(dim, 3, device=device)
     if dim >= 3:
         a[torch.arange(dim), torch.arange(dim) % 3] = 1.0
     else:
@@ -39,8 +47,16 @@ def image_to_x0(image: Tensor, dim: int) -> Tensor:
         raise ValueError(f"image must have shape (B, 3, H, W), got {tuple(image.shape)}")
     if dim == 3:
         return image
-    a = x0_projection(dim).to(device=image.device, dtype=image.dtype)
+    a = x0_projection(dim, image.device).to(image.dtype)  # built on the image's device: no host copy
     return torch.einsum("dc,bchw->bdhw", a, image)
+
+
+def noisy_x0(image: Tensor, dim: int, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """x_0 = A I + sigma eps, eps ~ N(0, 1): (B, 3, H, W) -> (B, d, H, W); A I itself when sigma = 0."""
+    x0 = image_to_x0(image, dim)
+    if sigma == 0.0:
+        return x0
+    return x0 + sigma * torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
 
 
 def _time_view(t: Tensor, like: Tensor) -> Tensor:
@@ -68,24 +84,17 @@ def target_velocity(x0: Tensor, x1: Tensor) -> Tensor:
 
 
 def sample_t(
-    batch: int, scheme: str = "uniform", device: torch.device | str | None = None,
-    generator: torch.Generator | None = None, zero_fraction: float = 0.0,
+    batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None,
+    zero_fraction: float = 0.0,
 ) -> Tensor:
-    """t ~ U[0, 1], or logit-normal t = sigmoid(n), n ~ N(0, 1) (more weight on mid-path times);
-    then each t is set to 0 with probability zero_fraction.
+    """t ~ U[0, 1], then each t set to 0 with probability zero_fraction.
 
-    Why t = 0 matters: x_t = (1 - t) x_0 + t x_1 with x_0 = I, so for t > 0 a network that sees I can
-    read the answer off its input, v* = (x_t - I) / t, without segmenting anything; only at t = 0
-    (x_t = I) must it infer x_1 from the image. The sampler's first step is taken there.
+    t = 0 is where the sampler takes its first step, from the image alone; on the paper's noise-free
+    path it is also the only t with anything to learn (module docstring), hence the extra draws there.
     """
     if not 0.0 <= zero_fraction <= 1.0:
         raise ValueError(f"zero_fraction must be in [0, 1], got {zero_fraction!r}")
-    if scheme == "uniform":
-        t = torch.rand(batch, device=device, generator=generator)
-    elif scheme == "logit_normal":
-        t = torch.sigmoid(torch.randn(batch, device=device, generator=generator))
-    else:
-        raise ValueError(f"unknown t sampling scheme {scheme!r}; expected one of {T_SCHEMES}")
+    t = torch.rand(batch, device=device, generator=generator)
     if zero_fraction > 0.0:
         at_zero = torch.rand(batch, device=device, generator=generator) < zero_fraction
         t = t.masked_fill(at_zero, 0.0)

@@ -2,7 +2,7 @@
 
 One training draw, per pixel:
 
-    x_0 = A I,   x_1 = mu_label,   x_t = (1 - t) x_0 + t x_1,   v = v_theta(x_t, t, I)
+    x_0 = A I + sigma eps,   x_1 = mu_label,   x_t = (1 - t) x_0 + t x_1,   v = v_theta(x_t, t, I)
     x1_hat = the clean estimate of the same forward pass (flow.to_clean_estimate)
     v_tgt  = (x_1 - x_0) - clip_c(lambda * dPhi/dx1_hat)    (reshaped; computed under no_grad)
     L      = mean over counted pixels of ||v - v_tgt||^2
@@ -27,7 +27,7 @@ from torch import Tensor
 from flowseg.correction import distance_correction
 from flowseg.encoding import IGNORE_INDEX, TRANSFORMS, CategoryEncoding, check_chunk
 from flowseg.flow import (
-    PARAMETERIZATIONS, image_to_x0, interpolate, sample_t, target_velocity, to_clean_estimate, to_velocity,
+    PARAMETERIZATIONS, interpolate, noisy_x0, sample_t, target_velocity, to_clean_estimate, to_velocity,
 )
 
 Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, image) -> output (B, d, H, W): v or x1_hat
@@ -51,7 +51,10 @@ class ObjectiveConfig:
     correction_clip: float | None = None  # c: max per-pixel norm of lambda * dPhi/dx1_hat (None: unbounded)
     lam_schedule: str = "constant"       # "annealed": lambda * (1 - progress), linear to 0 at the end
     parameterization: str = "v"          # "v" | "x"
-    t_zero_fraction: float = 0.9         # share of draws put at t = 0, where x_t = I (see flow.sample_t)
+    # sigma of the Gaussian noise on x_0 in training (flow.py): it makes every t > 0 a task of its own,
+    # so that later sampling steps refine the first; 0 with t_zero_fraction 0 is the paper's path
+    x0_noise: float = 0.5
+    t_zero_fraction: float = 0.5         # share of draws put at t = 0, where the sampler's first step is
     mask_ignore: bool = True
     class_chunk: int | None = None
     # weight of the token loss (losses.token_classification_loss) that training adds to either model's
@@ -69,7 +72,7 @@ class ObjectiveConfig:
         for field in ("tau", "eps"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"ObjectiveConfig.{field} must be > 0, got {getattr(self, field)!r}")
-        for field in ("lam", "token_loss_weight"):
+        for field in ("lam", "token_loss_weight", "x0_noise"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"ObjectiveConfig.{field} must be >= 0, got {getattr(self, field)!r}")
         if self.correction_clip is not None and not self.correction_clip > 0:
@@ -83,7 +86,7 @@ class ObjectiveConfig:
 class PathSample:
     """One draw of the straight path from each image to its mask."""
     t: Tensor            # (B,)
-    x_0: Tensor          # (B, d, H, W) the image in d channels
+    x_0: Tensor          # (B, d, H, W) the image in d channels, plus noise of std x0_noise
     x_1: Tensor          # (B, d, H, W) mu_label; at ignore pixels x_0 (masked) or 0
     x_t: Tensor          # (B, d, H, W) (1 - t) x_0 + t x_1: the network's input
     labels: Tensor       # (B, H, W)
@@ -128,7 +131,7 @@ class FlowMatchingObjective:
         """x_0 from the image (B, 3, H, W), x_1 from the labels (B, H, W), t drawn with `generator`."""
         if labels.shape != (image.shape[0], *image.shape[2:]):
             raise ValueError(f"labels {tuple(labels.shape)} do not match image {tuple(image.shape)}")
-        x0 = image_to_x0(image, self.encoding.dim)
+        x0 = noisy_x0(image, self.encoding.dim, self.config.x0_noise, generator)
         valid = labels != IGNORE_INDEX
         mu = self.encoding.centroids.to(device=image.device, dtype=x0.dtype)
         mu_label = mu[torch.where(valid, labels, 0)].permute(0, 3, 1, 2)  # (B, d, H, W)

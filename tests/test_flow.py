@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flowseg.flow import (
-    MIN_TIME_GAP, image_to_x0, interpolate, sample_t, target_velocity, to_clean_estimate, to_velocity,
+    MIN_TIME_GAP, image_to_x0, interpolate, noisy_x0, sample_t, target_velocity, to_clean_estimate, to_velocity,
 )
 
 
@@ -33,16 +33,22 @@ def test_path_endpoints_and_velocity_is_the_time_derivative():
     assert torch.allclose(dxdt, target_velocity(x0, x1).sum((1, 2, 3)), atol=1e-5)
 
 
-def test_sample_t_distributions():
-    g = torch.Generator().manual_seed(0)
-    u = sample_t(20000, "uniform", generator=g)
+def test_sample_t_is_uniform_and_seeded():
+    u = sample_t(20000, generator=torch.Generator().manual_seed(0))
     assert u.shape == (20000,) and u.min() >= 0 and u.max() <= 1
-    assert u.mean().item() == pytest.approx(0.5, abs=0.01)
-    ln = sample_t(20000, "logit_normal", generator=g)
-    logit = torch.log(ln / (1 - ln))
-    assert logit.mean().item() == pytest.approx(0.0, abs=0.03) and logit.std().item() == pytest.approx(1.0, abs=0.03)
+    assert u.mean().item() == pytest.approx(0.5, abs=0.01) and u.var().item() == pytest.approx(1 / 12, abs=0.003)
     again = sample_t(5, generator=torch.Generator().manual_seed(7))
     assert torch.equal(again, sample_t(5, generator=torch.Generator().manual_seed(7)))
+
+
+def test_noisy_x0_is_the_image_map_plus_gaussian_noise_of_std_sigma():
+    image = rand(4, 3, 32, 32)
+    assert torch.equal(noisy_x0(image, 5, 0.0), image_to_x0(image, 5))
+    noise = noisy_x0(image, 5, 0.5, torch.Generator().manual_seed(0)) - image_to_x0(image, 5)
+    assert noise.mean().item() == pytest.approx(0.0, abs=0.02) and noise.std().item() == pytest.approx(0.5, abs=0.01)
+    # channels copied from the same image channel get independent noise
+    assert abs(torch.corrcoef(torch.stack([noise[:, 0].flatten(), noise[:, 3].flatten()]))[0, 1].item()) < 0.05
+    assert torch.equal(noisy_x0(image, 5, 0.5, torch.Generator().manual_seed(0)) - image_to_x0(image, 5), noise)
 
 
 def test_parameterizations_agree_on_the_straight_path():
@@ -68,8 +74,6 @@ def test_bad_input():
         interpolate(x, x, torch.zeros(3))
     with pytest.raises(ValueError, match="same shape"):
         target_velocity(x, torch.zeros(2, 3, 2, 3))
-    with pytest.raises(ValueError, match="unknown t sampling scheme 'beta'"):
-        sample_t(2, "beta")
     with pytest.raises(ValueError, match="unknown parameterization 'eps'"):
         to_velocity(x, x, torch.zeros(2), "eps")
     with pytest.raises(ValueError, match="network output and x_t"):
@@ -82,7 +86,7 @@ def test_bad_input():
 
 def test_sample_t_zero_fraction_puts_that_share_at_t0_and_keeps_the_rest_uniform():
     gen = torch.Generator().manual_seed(0)
-    t = sample_t(200_000, "uniform", generator=gen, zero_fraction=0.3)
+    t = sample_t(200_000, generator=gen, zero_fraction=0.3)
     at_zero = t == 0
     # a uniform draw is exactly 0 with probability ~2^-24, so the zeros are the forced ones
     assert abs(at_zero.float().mean().item() - 0.3) < 0.005

@@ -24,14 +24,14 @@ def test_vanilla_loss_closed_form_with_zero_model():
     # v_pred = 0, so L = mean over valid pixels of ||x_1 - x_0||^2, whatever t is
     enc = build_encoding("kronecker", 7)
     image, labels = make_batch()
-    out = FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla"))(zero_model, image, labels)
+    out = FlowMatchingObjective(enc, ObjectiveConfig(x0_noise=0.0, kind="vanilla"))(zero_model, image, labels)
     valid = labels != IGNORE_INDEX
     mu = enc.centroids[labels.clamp(max=6)].permute(0, 3, 1, 2)
     expected = (mu - image).square().sum(1)[valid].mean()
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert out.metrics["loss_fm"].item() == pytest.approx(out.loss.item()) and out.metrics["correction_norm"].item() == 0
     # unmasked, the ignore pixels count with target 0 - x_0
-    unmasked = FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla", mask_ignore=False))(zero_model, image, labels)
+    unmasked = FlowMatchingObjective(enc, ObjectiveConfig(x0_noise=0.0, kind="vanilla", mask_ignore=False))(zero_model, image, labels)
     target = torch.where(valid.unsqueeze(1), mu - image, -image)
     assert unmasked.loss.item() == pytest.approx(target.square().sum(1).mean().item(), rel=1e-5)
 
@@ -44,10 +44,10 @@ def test_perfect_models_have_zero_vanilla_loss():
     v_model = lambda x_t, t, img: x1 - x0  # noqa: E731
     x_model = lambda x_t, t, img: x1  # noqa: E731
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla"))(v_model, image, labels).loss.item() < 1e-10
+    assert FlowMatchingObjective(enc, ObjectiveConfig(x0_noise=0.0, kind="vanilla"))(v_model, image, labels).loss.item() < 1e-10
     t = FlowMatchingObjective(enc).targets(zero_model, image, labels, generator=gen()).t
     assert (t < 1 - 0.05).all()  # x-prediction is exact away from the clipped end
-    x_obj = FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla", parameterization="x"))
+    x_obj = FlowMatchingObjective(enc, ObjectiveConfig(x0_noise=0.0, kind="vanilla", parameterization="x"))
     assert x_obj(x_model, image, labels, generator=gen()).loss.item() < 1e-10
 
 
@@ -58,7 +58,7 @@ def test_reshaped_loss_against_autograd_target(parameterization, transform):
     image, labels = make_batch()
     head = torch.nn.Conv2d(3, 3, 1).double()
     model = lambda x_t, t, img: head(x_t.double())  # noqa: E731
-    cfg = ObjectiveConfig(tau=0.7, lam=0.4, transform=transform, parameterization=parameterization,
+    cfg = ObjectiveConfig(x0_noise=0.0, tau=0.7, lam=0.4, transform=transform, parameterization=parameterization,
                           t_zero_fraction=0.0)
     objective = FlowMatchingObjective(enc, cfg)
     image = image.double()
@@ -153,7 +153,7 @@ def test_targets_closed_form_for_zero_model():
     # vanilla, v_pred = 0: v_target - v_pred = v* = x_1 - x_0, x1_hat = x_t, so ||x1_hat - x_1|| = (1 - t) ||v*||
     enc = build_encoding("kronecker", 7)
     image, labels = make_batch()
-    f = FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla")).targets(zero_model, image, labels)
+    f = FlowMatchingObjective(enc, ObjectiveConfig(x0_noise=0.0, kind="vanilla")).targets(zero_model, image, labels)
     x1 = enc.encode(labels, ignore_fill=image)
     span = (x1 - image).norm(dim=1)
     assert torch.allclose((f.v_target - f.v_pred).norm(dim=1), span, atol=1e-6)
@@ -165,7 +165,8 @@ def test_targets_closed_form_for_zero_model():
 def test_sample_path_is_the_straight_path_from_the_image_to_the_encoded_mask(mask_ignore):
     enc = build_encoding("bits", 7)  # d = 3 bits
     image, labels = make_batch()
-    objective = FlowMatchingObjective(enc, ObjectiveConfig(mask_ignore=mask_ignore, t_zero_fraction=0.5))
+    objective = FlowMatchingObjective(enc, ObjectiveConfig(mask_ignore=mask_ignore, t_zero_fraction=0.5,
+                                                           x0_noise=0.0))
     path = objective.sample_path(image, labels, torch.Generator().manual_seed(3))
     assert torch.equal(path.x_0, image_to_x0(image, 3))
     assert torch.equal(path.x_1, enc.encode(labels, ignore_fill=image if mask_ignore else None))
@@ -202,3 +203,18 @@ def test_objective_rejects_bad_input():
         ObjectiveConfig(t_zero_fraction=1.5)
     with pytest.raises(ValueError, match="token_loss_weight must be >= 0"):
         ObjectiveConfig(token_loss_weight=-1.0)
+
+
+def test_noisy_path_starts_from_the_image_plus_noise_and_its_target_is_the_straight_velocity():
+    enc = build_encoding("kronecker", 7)
+    image, labels = make_batch()
+    objective = FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla", x0_noise=0.7, t_zero_fraction=0.0))
+    path = objective.sample_path(image, labels, torch.Generator().manual_seed(0))
+    noise = path.x_0 - image_to_x0(image, 3)
+    assert noise.std().item() == pytest.approx(0.7, rel=0.15) and noise.abs().max() > 0
+    assert torch.equal(path.x_1[path.valid.unsqueeze(1).expand_as(path.x_1)],
+                       enc.encode(labels)[path.valid.unsqueeze(1).expand_as(path.x_1)])
+    assert torch.allclose(path.x_t, interpolate(path.x_0, path.x_1, path.t))
+    # a network that outputs x_1 - x_0 of the drawn x_0 has zero loss: the target is the straight velocity
+    f = objective.targets_for(path.x_1 - path.x_0, path)
+    assert torch.equal(f.v_star, path.x_1 - path.x_0) and objective.loss(path.x_1 - path.x_0, path).loss.item() == 0.0

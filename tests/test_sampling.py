@@ -87,3 +87,39 @@ def test_bad_input():
         integrate(lambda x, t, i: x[:, :2], x0, None)
     with pytest.raises(ValueError, match=r"x0 must have shape"):
         integrate(lambda x, t, i: x, torch.zeros(3, 2, 2), None)
+
+
+def two_class_field(prior_a, m, sigma, mu=(-1.0, 1.0)):
+    """The exact marginal velocity of x_t = (1 - t) x_0 + t x_1, x_0 ~ N(m, sigma^2), x_1 = mu_a or mu_b
+    with probabilities (prior_a, 1 - prior_a), in one dimension:
+
+        v(x, t) = (E[x_1 | x_t = x] - x) / (1 - t),
+        P(x_1 = mu_k | x_t = x) ~ pi_k exp(-(x - (1 - t) m - t mu_k)^2 / (2 (1 - t)^2 sigma^2))
+    """
+    prior = torch.tensor([prior_a, 1.0 - prior_a], dtype=torch.float64)
+    centroids = torch.tensor(mu, dtype=torch.float64)
+
+    def velocity(x, t, image):
+        t = t.view(-1, 1, 1, 1)
+        mean = (1 - t) * m + t * centroids.view(1, 2, 1, 1)  # (B, 2, 1, 1) where each x_1 would put x_t
+        log_w = prior.log().view(1, 2, 1, 1) - (x - mean).square() / (2 * ((1 - t) * sigma).square())
+        x1_mean = (log_w.softmax(1) * centroids.view(1, 2, 1, 1)).sum(1, keepdim=True)
+        return (x1_mean - x) / (1 - t)
+    return velocity
+
+
+@pytest.mark.parametrize("prior_a", [0.3, 0.7])
+def test_noisy_start_flow_from_the_mean_reaches_the_majority_class_and_one_step_is_the_posterior_mean(prior_a):
+    m, sigma = 0.2, 1.0
+    field = two_class_field(prior_a, m, sigma)
+    x0 = torch.full((1, 1, 1, 1), m, dtype=torch.float64)
+    one = integrate(field, x0, None, 1).x1
+    assert torch.allclose(one, torch.tensor(prior_a * -1 + (1 - prior_a) * 1.0, dtype=torch.float64))
+    many = integrate(field, x0, None, 400).x1
+    majority = -1.0 if prior_a > 0.5 else 1.0
+    assert abs(many.item() - majority) < 1e-2
+    # from x_0 ~ N(m, sigma^2) the same field sends a share prior_a of the starts to mu_a
+    starts = m + sigma * torch.randn(4000, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ends = integrate(field, starts, None, 400).x1
+    assert ((ends - -1.0).abs() < 1e-2).logical_or((ends - 1.0).abs() < 1e-2).all()
+    assert abs((ends < 0).double().mean().item() - prior_a) < 0.03
