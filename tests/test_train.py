@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from flowseg.build import build_network, load_segmenter
 from flowseg.checkpoint import list_checkpoints, load_train_state, load_weights
 from flowseg.config import OptimConfig, load_config
 from flowseg.data import build_dataset
-from flowseg.predict import build_network, load_segmenter
 from flowseg.train import ExponentialMovingAverage, KeyedSamples, StepBatches, TrainingDiverged, learning_rate, train
 
 TINY = ["data.name=shapes", "data.image_size=16", "data.augment=null", "data.options.length=12",
