@@ -17,9 +17,9 @@ import dataclasses
 
 import torch
 
+from flowseg.build import load_segmenter
 from flowseg.data import build_dataset
 from flowseg.objective import FlowMatchingObjective
-from flowseg.predict import load_segmenter
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 

@@ -56,13 +56,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from flowseg.predict import load_segmenter, predict_files
+    from flowseg.predict import predict_files
 
     inputs, overrides = split_overrides(args.inputs)
     if not inputs:
         raise ValueError("give at least one input image, folder or glob pattern")
-    segmenter, info = load_segmenter(args.checkpoint, overrides)
-    for written in predict_files(segmenter, info, inputs, args.out):
+    for written in predict_files(args.checkpoint, inputs, args.out, overrides):
         print(f"{written.source} -> {written.labels} (mean confidence {written.mean_confidence:.3f})")
     return 0
 
@@ -94,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="segment image files, folders or glob patterns")
     predict.add_argument("checkpoint")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs, or section.key=value")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files, folders, globs, or section.key=value (e.g. eval.device=cpu)")
     predict.add_argument("--out", required=True, help="folder for label PNGs, overlays and confidence maps")
     predict.set_defaults(handler=_predict)
 

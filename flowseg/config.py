@@ -141,9 +141,13 @@ class EvalConfig:
     batch_size: int = 16
     max_samples: Optional[int] = None
     use_ema: bool = True
+    device: str = "auto"             # where eval/predict run, as train.device (validation: the training device)
+    precision: str = "auto"          # autocast of eval, predict and validation, as train.precision
 
     def __post_init__(self) -> None:
         _check_choice("eval", "sampler", self.sampler, ("euler", "heun"))
+        _check_choice("eval", "device", self.device, DEVICES)
+        _check_choice("eval", "precision", self.precision, PRECISIONS)
         _check_choice("eval", "inference", self.inference, ("resize", "whole", "slide"))
         for name in ("steps", "batch_size", "query_scale", "grid_shifts"):
             _check_positive("eval", name, getattr(self, name))

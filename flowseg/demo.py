@@ -24,17 +24,17 @@ from typing import Sequence
 
 import torch
 
+from flowseg.build import load_segmenter, load_split
 from flowseg.checkpoint import ensure_writable_dir
 from flowseg.config import load_config
-from flowseg.evaluate import EvalReport, evaluate_checkpoint, load_split
-from flowseg.predict import load_segmenter
+from flowseg.evaluate import EvalReport, evaluate_checkpoint
 from flowseg.train import TrainResult, train
 from flowseg.visualize import (colorize, confidence_image, image_to_uint8, overlay, plot_prediction_sheet,
                                plot_training_curves, save_rgb_png)
 
 DEMO_CONFIG = "mnist-seg"
 DEFAULT_MINUTES = 10.0
-TEST_RESERVE = 0.05       # share of the budget kept for the test evaluation and the pictures (measured: 15 s of 30)
+TEST_RESERVE = 0.05       # share of the budget kept for the test evaluation and the pictures
 PICTURES = 8              # test images drawn into OUT/predictions
 
 

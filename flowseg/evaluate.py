@@ -3,7 +3,7 @@
 Each rank segments its shard of the split (indices rank, rank + W, ...), the matrices are summed
 across ranks, and mIoU = mean_k TP_k / (TP_k + FP_k + FN_k) over classes present in prediction or
 ground truth (flowseg.metrics). Predictions are made at each image's own resolution (see
-flowseg.predict for the inference modes), so the metric is computed against the original labels.
+flowseg.inference for the inference modes), so the metric is computed against the original labels.
 A sweep over step counts segments every batch once per count, reading the data only once.
 """
 
@@ -20,31 +20,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from flowseg.build import load_segmenter, load_split
 from flowseg.checkpoint import ensure_writable_dir, write_atomically
-from flowseg.config import Config, to_yaml
-from flowseg.data import GENERATED, SegmentationDataset, build_dataset
+from flowseg.config import to_yaml
 from flowseg.distributed import DistContext, shard_indices
+from flowseg.inference import Segmenter
 from flowseg.metrics import ConfusionMatrix, SegmentationMetrics
-from flowseg.predict import Segmenter, load_segmenter
-
-EVAL_DATA_SEED = 0  # generated validation/test splits are the same for every run, whatever train.seed
-
-
-def load_split(config: Config, split: str, training: bool = False) -> SegmentationDataset:
-    """The dataset split a config names: augmented crops for training; for evaluation, generated data
-    at data.image_size and on-disk images at their native resolution."""
-    data = config.data
-    generated = data.name in GENERATED
-    dataset = build_dataset(
-        data.name, split, root=data.root,
-        image_size=data.image_size if training or generated else None,
-        augment=data.augment if training else None,
-        seed=config.train.seed if training else EVAL_DATA_SEED, **data.options)
-    if len(dataset) == 0:
-        where = f" under {data.root}" if data.root else ""
-        raise ValueError(f"dataset {data.name!r} split {split!r}{where} is empty: no samples to "
-                         f"{'train' if training else 'evaluate'} on")
-    return dataset
 
 
 @dataclass
@@ -109,18 +90,19 @@ def format_table(results: Sequence[EvalResult], class_names: Sequence[str], titl
     return "\n".join(lines) + "\n"
 
 
-def result_record(result: EvalResult, class_names: Sequence[str]) -> dict:
-    """JSON-ready figures of one step count (NaN becomes null)."""
+def metrics_record(metrics: SegmentationMetrics, class_names: Sequence[str] | None = None) -> dict:
+    """The JSON form of `metrics`, NaN as null (strict JSON has no NaN): mIoU, pixel and mean class
+    accuracy; given the class names, also per-class IoU and accuracy and the confusion matrix."""
     def clean(value: float) -> float | None:
         return None if math.isnan(value) else value
 
-    m = result.metrics
-    return {"steps": result.steps, "miou": clean(m.miou), "pixel_accuracy": clean(m.pixel_accuracy),
-            "mean_class_accuracy": clean(m.mean_class_accuracy),
-            "seconds_per_image": result.seconds_per_image,
-            "per_class": {name: {"iou": clean(iou), "accuracy": clean(acc)}
-                          for name, iou, acc in zip(class_names, m.iou, m.class_accuracy)},
-            "confusion": m.confusion.tolist()}
+    record = {"miou": clean(metrics.miou), "pixel_accuracy": clean(metrics.pixel_accuracy),
+              "mean_class_accuracy": clean(metrics.mean_class_accuracy)}
+    if class_names is not None:
+        record["per_class"] = {name: {"iou": clean(iou), "accuracy": clean(accuracy)}
+                               for name, iou, accuracy in zip(class_names, metrics.iou, metrics.class_accuracy)}
+        record["confusion"] = metrics.confusion.tolist()
+    return record
 
 
 @dataclass
@@ -152,7 +134,8 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (),
     record = {"checkpoint": str(info.path), "step": info.step, "dataset": config.data.name,
               "split": config.eval.split, "images": evaluated, "inference": config.eval.inference,
               "sampler": sampler, "class_names": info.class_names,
-              "results": [result_record(r, info.class_names) for r in results]}
+              "results": [{"steps": r.steps, "seconds_per_image": r.seconds_per_image,
+                           **metrics_record(r.metrics, info.class_names)} for r in results]}
     json_path, table_path = out_dir / "result.json", out_dir / "result.txt"
     write_atomically(out_dir / "config.yaml", to_yaml(config))
     write_atomically(json_path, json.dumps(record, indent=1))

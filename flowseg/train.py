@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from flowseg.build import build_network, load_split
 from flowseg.checkpoint import (
     CHECKPOINTS_DIR, ensure_writable_dir, fit_state_dict, latest_checkpoint, load_train_state, load_weights,
     prune_checkpoints, read_checkpoint, save_checkpoint, step_dir_name, write_atomically,
@@ -49,12 +50,12 @@ from flowseg.config import Config, OptimConfig, config_from_yaml, to_yaml
 from flowseg.data import SegmentationDataset
 from flowseg.distributed import DistContext, autocast, broadcast_float, cleanup, setup
 from flowseg.encoding import CategoryEncoding
-from flowseg.evaluate import evaluate_dataset, load_split
+from flowseg.evaluate import evaluate_dataset, metrics_record
+from flowseg.inference import Segmenter
 from flowseg.losses import discriminative_loss, token_classification_loss
 from flowseg.metrics import SegmentationMetrics
 from flowseg.models.pixnerd import load_pixnerd_checkpoint
 from flowseg.objective import FlowMatchingObjective, LossOutput
-from flowseg.predict import Segmenter, build_network
 
 log = logging.getLogger("flowseg.train")
 
@@ -367,9 +368,7 @@ class Trainer:
         result = evaluate_dataset(segmenter, self.val_set, self.num_classes, [self.config.eval.steps],
                                   self.config.train.val_samples, self.context)[0]
         metrics = result.metrics
-        self.metrics.write({"kind": "val", "step": self.step, "miou": metrics.miou,
-                            "pixel_accuracy": metrics.pixel_accuracy,
-                            "mean_class_accuracy": metrics.mean_class_accuracy})
+        self.metrics.write({"kind": "val", "step": self.step, **metrics_record(metrics)})
         log.info("step %d: validation mIoU %.4f, pixel accuracy %.4f", self.step, metrics.miou,
                  metrics.pixel_accuracy)
         return metrics

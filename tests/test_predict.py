@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import imgviz
-from flowseg.predict import expand_inputs, load_segmenter, output_stems, predict_files
+from flowseg.checkpoint import read_checkpoint
+from flowseg.predict import expand_inputs, output_stems, predict_files
 from flowseg.visualize import (
     IGNORE_COLOUR, colorize, confidence_image, loss_series, overlay, plot_prediction_sheet, plot_training_curves,
     save_label_png,
@@ -36,8 +37,8 @@ def test_predicts_files_folders_and_globs_at_the_input_resolution(checkpoint, tm
     _write_image(folder / "a.png", (20, 30))
     _write_image(folder / "b.jpg", (16, 16))
     (folder / "notes.txt").write_text("not an image")
-    segmenter, info = load_segmenter(checkpoint)
-    written = predict_files(segmenter, info, [str(VOC_PHOTO), str(folder), str(folder / "*.png")], tmp_path / "out")
+    info = read_checkpoint(checkpoint)
+    written = predict_files(checkpoint, [str(VOC_PHOTO), str(folder), str(folder / "*.png")], tmp_path / "out")
     assert [w.source.name for w in written] == ["rgb.jpg", "a.png", "b.jpg", "a.png"]
     assert [w.labels.name for w in written] == ["rgb.png", "a.png", "b.png", "a_1.png"]
     for item, size in zip(written, [(500, 375), (30, 20), (16, 16), (30, 20)]):
@@ -51,30 +52,32 @@ def test_predicts_files_folders_and_globs_at_the_input_resolution(checkpoint, tm
         assert 1.0 / info.num_classes <= item.mean_confidence <= 1.0
 
 
-def test_any_resolution_output_through_query_scale(checkpoint):
-    segmenter, _ = load_segmenter(checkpoint, ["eval.query_scale=2", "eval.inference=whole"])
-    prediction = segmenter.predict(torch.zeros(1, 3, 32, 48))
-    assert prediction.labels.shape == (1, 32, 48)  # the trunk saw 16x24, the field answered at 32x48
-
-
 def test_a_bad_input_stops_before_anything_is_written(checkpoint, tmp_path):
     good = _write_image(tmp_path / "good.png", (16, 16))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
-    segmenter, info = load_segmenter(checkpoint)
     with pytest.raises(ValueError, match="cannot read image file .*broken.png"):
-        predict_files(segmenter, info, [str(good), str(broken)], tmp_path / "out")
+        predict_files(checkpoint, [str(good), str(broken)], tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
-        predict_files(segmenter, info, [str(good), str(tmp_path / "missing.png")], tmp_path / "out")
+        predict_files(checkpoint, [str(good), str(tmp_path / "missing.png")], tmp_path / "out")
+    # the inputs are read before the checkpoint: a bad one is reported even beside a missing checkpoint
+    with pytest.raises(ValueError, match="cannot read image file .*broken.png"):
+        predict_files(tmp_path / "no-checkpoint", [str(broken)], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_output_folder(checkpoint, tmp_path):
     good = _write_image(tmp_path / "good.png", (16, 16))
     (tmp_path / "file").write_text("")
-    segmenter, info = load_segmenter(checkpoint)
     with pytest.raises(ValueError, match="output folder .* is not writable"):
-        predict_files(segmenter, info, [str(good)], tmp_path / "file" / "out")
+        predict_files(checkpoint, [str(good)], tmp_path / "file" / "out")
+
+
+def test_overrides_adjust_the_saved_config(checkpoint, tmp_path):
+    good = _write_image(tmp_path / "good.png", (16, 16))
+    with pytest.raises(ValueError, match="eval.steps must be > 0"):
+        predict_files(checkpoint, [str(good)], tmp_path / "out", ["eval.steps=0"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_input_expansion_errors(tmp_path):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from flowseg.build import build_network, load_segmenter
 from flowseg.checkpoint import list_checkpoints, load_train_state, load_weights
 from flowseg.config import OptimConfig, load_config
 from flowseg.data import build_dataset
 from flowseg.models.field import ConvStem, FieldOutput
-from flowseg.predict import build_network, load_segmenter
 from flowseg.train import (
     COSINE_FLOOR, ExponentialMovingAverage, KeyedSamples, StepBatches, TrainingDiverged, learning_rate, train,
 )

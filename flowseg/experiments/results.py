@@ -14,9 +14,9 @@ from typing import Iterator, Sequence
 
 import torch
 
+from flowseg.build import EVAL_DATA_SEED
 from flowseg.config import load_config
 from flowseg.data import build_dataset
-from flowseg.evaluate import EVAL_DATA_SEED
 from flowseg.experiments.plan import RunSpec, variants
 from flowseg.experiments.presets import Preset
 from flowseg.experiments.runner import COST_KEY, SESSIONS_FILE, read_result

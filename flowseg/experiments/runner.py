@@ -33,19 +33,19 @@ from typing import Callable, Iterator, TextIO
 import torch
 from tqdm import tqdm
 
+from flowseg.build import EVAL_DATA_SEED, build_network, load_segmenter, load_split
 from flowseg.checkpoint import (
     CHECKPOINTS_DIR, fit_state_dict, latest_checkpoint, list_checkpoints, load_train_state, load_weights, prune_checkpoints,
     read_checkpoint, write_atomically,
 )
 from flowseg.config import Config, config_from_yaml, load_config
 from flowseg.data import build_dataset
-from flowseg.evaluate import EVAL_DATA_SEED, evaluate_dataset, load_split
+from flowseg.evaluate import evaluate_dataset
 from flowseg.experiments.cost import measure_cost
 from flowseg.experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
 from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
 from flowseg.experiments.presets import Preset
 from flowseg.objective import FlowMatchingObjective
-from flowseg.predict import build_network, load_segmenter
 from flowseg.train import TrainingDiverged, train
 
 log = logging.getLogger("flowseg.experiments")
@@ -120,7 +120,8 @@ def validation_curve(metrics_file: Path) -> list[dict]:
 
 
 # where and how a run executes, not what it computes: free to differ between invocations
-EXECUTION_SETTINGS = ("train.out_dir", "train.device", "train.threads", "train.progress", "data.num_workers")
+EXECUTION_SETTINGS = ("train.out_dir", "train.device", "train.threads", "train.progress", "data.num_workers",
+                      "eval.device")
 
 
 def flat_settings(config: Config) -> dict[str, object]:
@@ -214,7 +215,7 @@ class Runner:
 
     def run_config(self, spec: RunSpec) -> Config:
         overrides = spec.overrides() + [f"train.out_dir={run_dir(self.out, spec)}",
-                                        f"train.device={self.device.type}"]
+                                        f"train.device={self.device.type}", f"eval.device={self.device.type}"]
         if spec.variant.name == DISCRIMINATIVE:
             overrides.append(f"train.steps={self.equal_time_steps(spec)}")
         return load_config(spec.dataset, overrides)

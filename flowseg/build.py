@@ -1,0 +1,88 @@
+"""Objects made from a Config: the network and its category encoding, the dataset splits, and a
+trained model read back from a checkpoint folder (its saved config, weights and encoding).
+
+    build_network(config, N)      -> (model, encoding mu_1..mu_N; None for the discriminative twin)
+    load_split(config, split)     -> the dataset split the config names
+    load_trained(checkpoint)      -> TrainedModel: the network with its EMA (or raw) weights
+    load_segmenter(checkpoint)    -> a Segmenter on eval.device, ready for eval and predict
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+
+from flowseg.checkpoint import CheckpointInfo, fit_state_dict, load_weights, read_checkpoint
+from flowseg.config import Config, config_from_yaml
+from flowseg.data import GENERATED, SegmentationDataset, build_dataset
+from flowseg.distributed import resolve_device
+from flowseg.encoding import CategoryEncoding, build_encoding
+from flowseg.inference import Segmenter
+from flowseg.models import build_model
+
+EVAL_DATA_SEED = 0  # generated validation/test splits are the same for every run, whatever train.seed
+
+
+def build_network(config: Config, num_classes: int) -> tuple[nn.Module, CategoryEncoding | None]:
+    """The model a config describes, and its category encoding (None for the discriminative twin)."""
+    token_classes = num_classes if config.model.token_head else None
+    if config.model.kind == "discriminative":
+        return build_model("discriminative", config.model.size, num_classes=num_classes,
+                           token_classes=token_classes, stem=config.model.stem), None
+    # random centroids mu_k are drawn from train.seed, so a checkpoint's saved config rebuilds the same ones
+    encoding = build_encoding(config.model.encoding, num_classes, config.model.dim, seed=config.train.seed)
+    model = build_model("flow", config.model.size, dim=encoding.dim,
+                        image_conditioning=config.model.image_conditioning, token_classes=token_classes,
+                        stem=config.model.stem)
+    return model, encoding
+
+
+def load_split(config: Config, split: str, training: bool = False) -> SegmentationDataset:
+    """The dataset split a config names: augmented crops for training; for evaluation, generated data
+    at data.image_size and on-disk images at their native resolution."""
+    data = config.data
+    generated = data.name in GENERATED
+    dataset = build_dataset(
+        data.name, split, root=data.root,
+        image_size=data.image_size if training or generated else None,
+        augment=data.augment if training else None,
+        seed=config.train.seed if training else EVAL_DATA_SEED, **data.options)
+    if len(dataset) == 0:
+        where = f" under {data.root}" if data.root else ""
+        raise ValueError(f"dataset {data.name!r} split {split!r}{where} is empty: no samples to "
+                         f"{'train' if training else 'evaluate'} on")
+    return dataset
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module                     # on the CPU, in eval mode
+    encoding: CategoryEncoding | None    # None for the discriminative twin
+    config: Config                       # the checkpoint's config with the overrides applied
+    info: CheckpointInfo                 # step, class names, palette
+
+
+def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> TrainedModel:
+    """The network of a checkpoint (a checkpoint folder, or a run folder: its newest checkpoint) with
+    the EMA weights, or the raw ones when eval.use_ema is false; `overrides` adjust the saved config
+    (eval.*, data.*, ...)."""
+    info = read_checkpoint(checkpoint)
+    origin = f"config of checkpoint {info.path}"
+    saved = config_from_yaml(info.config_yaml, origin=origin)
+    config = config_from_yaml(info.config_yaml, overrides, origin=origin)
+    model, encoding = build_network(config, info.num_classes)
+    weights = load_weights(info.path, "ema" if config.eval.use_ema else "model")
+    # the message names the saved model, not the overridden one: that is what the weights were made for
+    fit_state_dict(model, weights, f"checkpoint {info.path} (model.kind={saved.model.kind}, "
+                   f"model.size={saved.model.size}, {info.num_classes} classes)")
+    return TrainedModel(model.eval(), encoding, config, info)
+
+
+def load_segmenter(checkpoint: str | Path, overrides: Sequence[str] = ()) -> tuple[Segmenter, CheckpointInfo]:
+    """A Segmenter of a checkpoint on eval.device (load_trained), and the checkpoint's info."""
+    trained = load_trained(checkpoint, overrides)
+    device = resolve_device(trained.config.eval.device)
+    return Segmenter(trained.model, trained.encoding, trained.config, device), trained.info

@@ -1,0 +1,87 @@
+"""Oracle models whose predictions are known exactly, shared by the inference and evaluation tests.
+
+An oracle reads the class painted into the image's red channel (paint / labels_in_image) and answers
+it through `mapping`, so a test knows every pixel's prediction before the Segmenter runs.
+"""
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from flowseg.config import load_config
+from flowseg.encoding import IGNORE_INDEX, build_encoding
+from flowseg.inference import Segmenter
+from flowseg.models import FieldOutput
+
+NUM_CLASSES = 4
+
+
+def labels_in_image(image):
+    """The oracle's knowledge: class id k is painted into the red channel as -1 + 2k/(N-1)."""
+    return torch.round((image[:, 0] + 1) / 2 * (NUM_CLASSES - 1)).long()
+
+
+def paint(label):
+    image = torch.zeros(3, *label.shape)
+    image[0] = -1 + 2 * label.clamp(max=NUM_CLASSES - 1).float() / (NUM_CLASSES - 1)
+    return image
+
+
+class OracleFlow(nn.Module):
+    """v(x, t, I) = (mu_{f(label(I))} - x) / (1 - t): Euler lands exactly on mu_{f(label)} at t = 1."""
+
+    def __init__(self, encoding, mapping):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # Segmenter reads the device from the parameters
+        self.size = SimpleNamespace(patch_size=4)
+        self.encoding, self.mapping, self.query_scales = encoding, torch.tensor(mapping), []
+
+    def forward(self, x, t, image, query_scale=1):
+        self.query_scales.append(query_scale)
+        if x.shape[-1] % (4 * query_scale) or x.shape[-2] % (4 * query_scale):
+            raise ValueError("not a multiple of the patch")
+        target = self.encoding.centroids[self.mapping[labels_in_image(image)]].permute(0, 3, 1, 2)
+        return FieldOutput((target - x) / (1 - t.view(-1, 1, 1, 1)).clamp_min(1e-6), None)
+
+
+class OracleTwin(OracleFlow):
+    def forward(self, image, query_scale=1):
+        labels = self.mapping[labels_in_image(image)]
+        return FieldOutput(10.0 * nn.functional.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float(), None)
+
+
+class CornerTwin(OracleTwin):
+    """Every pixel gets the class painted at the top-left pixel of its 4 x 4 patch, so the answer
+    depends on where the patch grid falls."""
+
+    def forward(self, image, query_scale=1):
+        corner = labels_in_image(image)[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2)
+        one_hot = nn.functional.one_hot(self.mapping[corner], NUM_CLASSES)
+        return FieldOutput(10.0 * one_hot.permute(0, 3, 1, 2).float(), None)
+
+
+class Painted(torch.utils.data.Dataset):
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        label = self.labels[index]
+        return {"image": paint(label), "label": label, "name": f"painted_{index}"}
+
+
+def make_labels(count=5, size=(8, 12), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = [torch.randint(0, NUM_CLASSES, size, generator=generator) for _ in range(count)]
+    labels[0][0, :3] = IGNORE_INDEX
+    return labels
+
+
+def oracle_segmenter(mapping=(0, 1, 2, 3), twin=False, *overrides):
+    config = load_config(None, ["data.image_size=8", "eval.batch_size=2", *overrides])
+    encoding = build_encoding("kronecker", NUM_CLASSES)
+    model = OracleTwin(encoding, mapping) if twin else OracleFlow(encoding, mapping)
+    return Segmenter(model, None if twin else encoding, config, torch.device("cpu"))
