@@ -1,4 +1,4 @@
-"""flowseg.experiments: diagnostics on cases with known answers, the page's arithmetic, and the
+"""experiments: diagnostics on cases with known answers, the page's arithmetic, and the
 micro preset end to end (page, figures, skip-on-resume). The numbers of a preset are not tested."""
 
 import dataclasses
@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from flowseg.encoding import CategoryEncoding, build_encoding
-from flowseg.experiments import get_preset, run_experiments
-from flowseg.experiments.diagnostics import (
+from experiments import get_preset, run_experiments
+from experiments.diagnostics import (
     field_picture, measure_signal, sampled_traversal, signal_profile, straight_traversal, traversal_stats,
 )
-from flowseg.experiments import plan
-from flowseg.experiments.plan import REFERENCE, ablation_groups, planned_runs, variants
-from flowseg.experiments.figures import COLOURS, curve_colours
-from flowseg.experiments.presets import Budget
+from experiments import plan
+from experiments.plan import REFERENCE, ablation_groups, planned_runs, variants
+from experiments.figures import COLOURS, curve_colours
+from experiments.presets import Budget
 from flowseg.config import load_config
 from flowseg.data import build_dataset
-from flowseg.experiments.report import t_draws
-from flowseg.experiments.results import constant_prediction_miou, judge, mean_sd, steps_to_reach
+from experiments.report import t_draws
+from experiments.results import constant_prediction_miou, judge, mean_sd, steps_to_reach
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 
 # ---- (b) trajectory traversing ----------------------------------------------------------------

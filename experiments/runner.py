@@ -40,15 +40,15 @@ from flowseg.checkpoint import (
 from flowseg.config import Config, config_from_yaml, load_config
 from flowseg.data import build_dataset
 from flowseg.evaluate import EVAL_DATA_SEED, evaluate_dataset, load_split
-from flowseg.experiments.cost import measure_cost
-from flowseg.experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
-from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
-from flowseg.experiments.presets import Preset
+from experiments.cost import measure_cost
+from experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
+from experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
+from experiments.presets import Preset
 from flowseg.objective import FlowMatchingObjective
 from flowseg.predict import build_network, load_segmenter
 from flowseg.train import TrainingDiverged, train
 
-log = logging.getLogger("flowseg.experiments")
+log = logging.getLogger("experiments")
 COST_KEY = "cost"
 LOG_FILE = "experiments.log"
 SESSIONS_FILE = "sessions.jsonl"  # one line per invocation that ran tasks: its wall time

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from flowseg.experiments.presets import Budget, Preset
+from experiments.presets import Budget, Preset
 from flowseg.objective import ObjectiveConfig
 
 REFERENCE = "reshaped"  # the reshaped objective with every ObjectiveConfig default, image conditioning on

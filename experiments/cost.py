@@ -26,7 +26,7 @@ import torch
 
 from flowseg.data import build_dataset
 from flowseg.encoding import build_encoding
-from flowseg.experiments.presets import Preset
+from experiments.presets import Preset
 from flowseg.memory import process_status_kib
 from flowseg.models import build_model
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig, discriminative_loss

@@ -17,14 +17,14 @@ import numpy as np
 
 from flowseg.checkpoint import write_atomically
 from flowseg.encoding import ENCODINGS, build_encoding
-from flowseg.experiments import figures
-from flowseg.experiments.diagnostics import field_picture
-from flowseg.experiments.plan import (
+from experiments import figures
+from experiments.diagnostics import field_picture
+from experiments.plan import (
     DISCRIMINATIVE, ENCODING_ROWS, PARAMETERIZATION_LABELS, REFERENCE, SCHEDULE_LABELS, TRANSFORM_LABELS, VANILLA,
     AblationGroup, ablation_groups, ablation_variants, bounded_variants, encoding_variant,
 )
-from flowseg.experiments.presets import Preset
-from flowseg.experiments.results import (
+from experiments.presets import Preset
+from experiments.results import (
     Results, constant_prediction_miou, judge, mean_sd, paired_differences, ratio, status_note, steps_to_reach,
 )
 from flowseg.objective import ObjectiveConfig
@@ -37,8 +37,8 @@ ONE_STEP_TOLERANCE = 0.05
 FIELD_CLASSES = 6  # the 2-d Kronecker code drawn in the vector-field picture
 REPRODUCE = """## Reproduce
 
-    python -m flowseg.experiments --preset quick --out runs/experiments-quick   # <= 15 min, 1 seed
-    python -m flowseg.experiments --preset full --out runs/experiments-full     # <= 100 min, 3 seeds
+    python -m experiments --preset quick --out runs/experiments-quick   # <= 15 min, 1 seed
+    python -m experiments --preset full --out runs/experiments-full     # <= 100 min, 3 seeds
 
 Each task writes OUT/results/<task>.json atomically and is skipped when that file exists, so running
 the same command again after an interruption continues where it stopped (a training run resumes from
@@ -46,7 +46,7 @@ its last checkpoint). A run found in OUT that was made under other settings than
 (a config file or a default changed) stops the command with the differences listed: use a new OUT.
 `--report-only` rewrites this page from OUT's results; `--ade20k ROOT` adds
 experiment 1 on ADE20K-layout data; `--workers`, `--threads` set the processes and torch threads;
-OUT/experiments.log holds the log of every run. Budgets are in flowseg/experiments/presets.py."""
+OUT/experiments.log holds the log of every run. Budgets are in experiments/presets.py."""
 
 
 def t_draws(objective: ObjectiveConfig) -> str:

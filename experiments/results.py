@@ -17,9 +17,9 @@ import torch
 from flowseg.config import load_config
 from flowseg.data import build_dataset
 from flowseg.evaluate import EVAL_DATA_SEED
-from flowseg.experiments.plan import RunSpec, variants
-from flowseg.experiments.presets import Preset
-from flowseg.experiments.runner import COST_KEY, SESSIONS_FILE, read_result
+from experiments.plan import RunSpec, variants
+from experiments.presets import Preset
+from experiments.runner import COST_KEY, SESSIONS_FILE, read_result
 from flowseg.metrics import ConfusionMatrix
 
 # ---- numbers ----------------------------------------------------------------------------------
