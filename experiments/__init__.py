@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from flowseg.checkpoint import ensure_writable_dir
-from flowseg.distributed import resolve_device
 from experiments.presets import PRESETS, Budget, Preset, get_preset
 from experiments.report import write_report
 from experiments.runner import SESSIONS_FILE, Runner, Settings, log, open_log
+from flowseg.checkpoint import ensure_writable_dir
+from flowseg.distributed import resolve_device
 
 __all__ = ["PRESETS", "Budget", "Preset", "get_preset", "run_experiments"]
 

@@ -24,9 +24,9 @@ from typing import Callable
 
 import torch
 
+from experiments.presets import Preset
 from flowseg.data import build_dataset
 from flowseg.encoding import build_encoding
-from experiments.presets import Preset
 from flowseg.memory import process_status_kib
 from flowseg.models import build_model
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig, discriminative_loss

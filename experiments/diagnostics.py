@@ -1,4 +1,4 @@
-"""Diagnostics of the two failure modes of vanilla flow matching (method.md section 3).
+"""Diagnostics of the two failure modes of vanilla flow matching (docs/method.md, section 3).
 
 (a) Gradient vanishing. The per-pixel training signal is ||v_tgt - v_theta||, half the norm of the
     loss gradient with respect to the network output v. For vanilla flow matching with v-prediction

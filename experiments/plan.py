@@ -28,7 +28,7 @@ REFERENCE = "reshaped"  # the reshaped objective with every ObjectiveConfig defa
 VANILLA = "vanilla"
 DISCRIMINATIVE = "discriminative"
 ENCODING_ROWS = ("kronecker", "rd", "lattice", "random", "bits", "onehot")
-METHOD_TAU = 1.0        # method.md's [decided] tau: always a row of the temperature sweep
+METHOD_TAU = 1.0        # the tau of docs/method.md, section 3: always a row of the temperature sweep
 PAPER_T_ZERO_FRACTION = 0.0  # the paper draws t ~ U[0, 1]: no extra draws at t = 0
 TRANSFORM_LABELS = {"neg_log": "-log(d + eps)", "inverse": "1 / (d + eps)", "sqrt": "sqrt(d)", "identity": "d"}
 SCHEDULE_LABELS = {"constant": "static (constant lambda)", "annealed": "annealed (lambda -> 0)"}
@@ -181,8 +181,8 @@ def ablation_groups(preset: Preset) -> list[AblationGroup]:
         AblationGroup("image conditioning", (
             Row("image as extra input channels", REFERENCE), Row("x_t only", "no-image-conditioning")),
             "not ablated in the paper (a project decision)"),
-        AblationGroup("temperature tau", _sweep_rows("tau", "tau", sweeps["tau"], {METHOD_TAU: "method.md"}),
-                      f"not reported; method.md's [decided] tau = {METHOD_TAU:g}, flowseg's default {default.tau:g}"),
+        AblationGroup("temperature tau", _sweep_rows("tau", "tau", sweeps["tau"], {METHOD_TAU: "docs/method.md"}),
+                      f"not reported; docs/method.md's tau = {METHOD_TAU:g}, flowseg's default {default.tau:g}"),
         AblationGroup("eps", _sweep_rows("eps", "eps", sweeps["eps"], {}),
                       f"not reported; flowseg's default eps = {default.eps:g}"),
         AblationGroup("share of t = 0 draws", _sweep_rows(

@@ -78,7 +78,7 @@ class Preset:
     euler_sweep: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
     heun_sweep: tuple[int, ...] = (1, 2, 5, 10, 20)
     cost_inference_steps: tuple[int, ...] = (1, 2, 5, 10, 20)
-    taus: tuple[float, ...] = ()     # besides ObjectiveConfig().tau and method.md's tau = 1, always swept
+    taus: tuple[float, ...] = ()     # besides ObjectiveConfig().tau and docs/method.md's tau = 1, always swept
     epses: tuple[float, ...] = (1e-2,)                   # besides ObjectiveConfig().eps
     # bounds on the correction (objective.correction_clip, not in the paper), each a run at the convergence
     # budget on the ablation dataset beside vanilla and reshaped (experiment 1)

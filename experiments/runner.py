@@ -33,6 +33,10 @@ from typing import Callable, Iterator, TextIO
 import torch
 from tqdm import tqdm
 
+from experiments.cost import measure_cost
+from experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
+from experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
+from experiments.presets import Preset
 from flowseg.checkpoint import (
     CHECKPOINTS_DIR, fit_state_dict, latest_checkpoint, list_checkpoints, load_train_state, load_weights, prune_checkpoints,
     read_checkpoint, write_atomically,
@@ -40,10 +44,6 @@ from flowseg.checkpoint import (
 from flowseg.config import Config, config_from_yaml, load_config
 from flowseg.data import build_dataset
 from flowseg.evaluate import EVAL_DATA_SEED, evaluate_dataset, load_split
-from experiments.cost import measure_cost
-from experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
-from experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
-from experiments.presets import Preset
 from flowseg.objective import FlowMatchingObjective
 from flowseg.predict import build_network, load_segmenter
 from flowseg.train import TrainingDiverged, train
