@@ -13,7 +13,7 @@ import torch
 
 from experiments import get_preset, plan, report, run_experiments
 from experiments.diagnostics import (
-    field_picture, measure_signal, sampled_traversal, signal_profile, straight_traversal, traversal_stats,
+    field_picture, measure_signal, pixel_signal, sampled_traversal, signal_profile, straight_traversal, traversal_stats,
 )
 from experiments.figures import COLOURS, curve_colours
 from experiments.plan import REFERENCE, VANILLA, ablation_groups, planned_runs, variants
@@ -24,7 +24,7 @@ from experiments.runner import COST_KEY, SESSIONS_FILE, result_path
 from experiments.verdicts import all_of_verdict, judge, one_step_verdict, order_verdict, speed_verdict
 from flowseg.config import load_config
 from flowseg.data import build_dataset
-from flowseg.encoding import CategoryEncoding, build_encoding
+from flowseg.encoding import IGNORE_INDEX, CategoryEncoding, build_encoding
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 
 # ---- (b) trajectory traversing ----------------------------------------------------------------
@@ -103,6 +103,21 @@ def test_signal_profile_bins_by_hand():
     assert profile.counts == [2, 1, 1]  # 5.0 lies beyond the last edge: last bin; the invalid pixel is out
     assert profile.mean_signal == [2.0, 2.0, 4.0]
     assert profile.near_signal == 2.0 and profile.near_fraction == 0.5
+
+
+def test_pixel_signal_closed_form_for_a_silent_model():
+    # vanilla, v_theta = 0: signal = ||v*|| = ||x_1 - x_0||, x1_hat = x_t, distance = (1 - t) ||x_1 - x_0||
+    encoding = build_encoding("kronecker", 7)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 3, 4, 5, generator=generator) * 2 - 1      # x_0 = image at d = 3
+    labels = torch.randint(0, 7, (3, 4, 5), generator=generator)
+    labels[0, 0, :2] = IGNORE_INDEX
+    objective = FlowMatchingObjective(encoding, ObjectiveConfig(kind="vanilla", t_zero_fraction=0.0))  # t in (0, 1)
+    found = pixel_signal(objective, lambda x, t, img: torch.zeros_like(x), image, labels)
+    span = (encoding.encode(labels, ignore_fill=image) - image).norm(dim=1)  # 0 at ignore pixels
+    assert torch.allclose(found.signal, span, atol=1e-6)
+    assert torch.allclose(found.distance, (1 - found.t).view(-1, 1, 1) * span, atol=1e-6)
+    assert torch.equal(found.valid, labels != IGNORE_INDEX)
 
 
 def test_vanilla_signal_of_a_silent_model_is_the_path_length():

@@ -365,17 +365,6 @@ def test_class_chunking_and_lambda_schedule():
         annealed.lam_at(1.5)
 
 
-def test_diagnose_closed_form_for_zero_model():
-    # vanilla, v_pred = 0: signal = ||v*|| = ||x_1 - x_0||, x1_hat = x_t, distance = (1 - t) ||x_1 - x_0||
-    enc = build_encoding("kronecker", 7)
-    image, labels = make_batch()
-    diag = FlowMatchingObjective(enc, ObjectiveConfig(kind="vanilla")).diagnose(zero_model, image, labels)
-    span = (enc.encode(labels, ignore_fill=image) - image).norm(dim=1)
-    assert torch.allclose(diag.signal, span, atol=1e-6)
-    assert torch.allclose(diag.distance, (1 - diag.t).view(-1, 1, 1) * span, atol=1e-6)
-    assert torch.equal(diag.valid, labels != IGNORE_INDEX)
-
-
 def test_objective_rejects_bad_input():
     enc = build_encoding("kronecker", 7)
     image, labels = make_batch()
