@@ -17,7 +17,7 @@ import numpy as np
 from experiments.diagnostics import FieldPicture, field_picture
 from experiments.plan import (
     DISCRIMINATIVE, ENCODING_ROWS, REFERENCE, VANILLA, AblationGroup, ablation_groups, ablation_variants,
-    bounded_variants, encoding_variant,
+    bounded_variants, encoding_variant, paper_recipe,
 )
 from experiments.results import Results, mean_sd, paired_differences, ratio, status_note, steps_to_reach
 from experiments.verdicts import (
@@ -414,6 +414,7 @@ class Setup:
     machine: dict                        # cost.machine() of the cost task ({} without one)
     parameters: int | None               # of the reference flow model (None without a cost result)
     processes: list[tuple[int, int]]     # (workers, threads) of the sessions that made the results
+    recipes: dict[str, str]              # dataset -> the shipped config its runs start from
     budgets: list[Cells]                 # per budget: experiments, runs per seed, steps x batch, validation, warm-up
 
 
@@ -427,6 +428,7 @@ def setup(results: Results) -> Setup:
         machine=record.get("machine", {}),
         parameters=record.get("cases", {}).get("train/reshaped", {}).get("parameters"),
         processes=sorted(results.process_layouts()),
+        recipes={dataset: paper_recipe(dataset) for dataset in results.datasets},
         budgets=[["1. convergence (+4. sampling, 6. diagnostics)", convergence_runs,
                   f"{c.steps} x {c.batch_size}", c.val_every, c.warmup_steps],
                  ["2. ablations, 3. encodings, 5. generative vs discriminative",

@@ -217,7 +217,7 @@ class Runner:
                                         f"train.device={self.device.type}"]
         if spec.variant.name == DISCRIMINATIVE:
             overrides.append(f"train.steps={self.equal_time_steps(spec)}")
-        return load_config(spec.dataset, overrides)
+        return load_config(spec.recipe, overrides)
 
     def equal_time_steps(self, spec: RunSpec) -> int:
         """Steps of the twin that take as long as the reshaped run's steps, by the cost experiment's

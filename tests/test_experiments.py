@@ -20,7 +20,7 @@ from experiments.plan import REFERENCE, VANILLA, ablation_groups, planned_runs, 
 from experiments.presets import Budget
 from experiments.report import read_blocks, t_draws, write_report
 from experiments.results import constant_prediction_miou, mean_sd, steps_to_reach
-from experiments.runner import COST_KEY, SESSIONS_FILE, result_path
+from experiments.runner import COST_KEY, SESSIONS_FILE, flat_settings, result_path
 from experiments.verdicts import all_of_verdict, judge, one_step_verdict, order_verdict, speed_verdict
 from flowseg.config import load_config
 from flowseg.data import build_dataset
@@ -337,7 +337,7 @@ def test_page_from_made_up_results_quotes_them_and_judges_each_claim(fake_pages)
     for shown in (
         # set-up and cost, from the cost record
         "- Hardware: Test CPU, 2 cores, GPU: none; torch 9.9; Python 3.99; processes: 2 worker(s) x 1 thread(s)",
-        "- Model: T/8 (2.00 M parameters), 16x16 images",
+        "- Model: T/8 (2.00 M parameters), 16x16 images", "(mnist-seg: `paper-mnist-seg`, shapes: `shapes`)",
         "+25.0% training time", "| train/reshaped | 25.0 | 80.0 | 0.80 | 44.0 | 1.10 |",
         # 1: final val and test mIoU 21 / 31 (mean of two seeds), reached at step 3 of 4
         "| mnist-seg | 21.0 ± 1.4 | 31.0 ± 1.4 | 10.0 ± 0.0 | 3 ± 0 | 1.33 ± 0.00x | 21.0 ± 1.4 | 31.0 ± 1.4 |",
@@ -401,13 +401,26 @@ def test_runs_are_shared_between_experiments_with_equal_budgets():
     assert len(planned_runs(shared)) == len(planned_runs(micro)) - 2  # vanilla and reshaped run once
 
 
-def test_every_run_measures_the_papers_network_whatever_the_dataset_config_sets():
-    # the mnist-seg config turns on the conv stem, the token loss, an 8-d code and grid shifts for the demo
-    for spec in planned_runs(get_preset("micro")):
-        config = load_config(spec.dataset, spec.overrides())
-        model = config.model
-        assert (model.stem, model.token_loss_weight, model.dim) == ("patch", 0.0, None), spec.key
-        assert config.eval.grid_shifts == 1, spec.key
+# the settings of the paper's network that the demo's recipe (mnist-seg.yaml) changes
+PAPER_NETWORK = {"model.stem": "patch", "model.dim": None, "model.token_loss_weight": 0.0, "eval.grid_shifts": 1}
+
+
+def test_the_paper_recipe_is_the_demo_recipe_without_its_additions():
+    demo, paper = (flat_settings(load_config(name)) for name in ("mnist-seg", "paper-mnist-seg"))
+    assert {key: paper[key] for key in PAPER_NETWORK} == PAPER_NETWORK
+    # besides those, only the sampler's step count: the paper's 10 Euler steps
+    assert {key for key in demo if demo[key] != paper[key]} == set(PAPER_NETWORK) | {"eval.steps"}
+
+
+def test_every_run_measures_the_papers_network():
+    micro = get_preset("micro")
+    runs = planned_runs(micro, ade20k_root="unused")
+    assert {(spec.dataset, spec.recipe) for spec in runs} == {
+        ("mnist-seg", "paper-mnist-seg"), ("shapes", "shapes"), ("ade20k", "ade20k")}
+    for spec in runs:
+        settings = flat_settings(load_config(spec.recipe, spec.overrides()))
+        assert {key: settings[key] for key in PAPER_NETWORK} == PAPER_NETWORK, spec.key
+        assert settings["data.name"] == spec.dataset
 
 
 def test_bounded_correction_runs_only_at_the_convergence_budget():
