@@ -1,11 +1,14 @@
-"""Reproducing the paper's claims at small scale (issue 5): one command trains every run, measures
-the diagnostics and the cost, and writes docs/results.md with its figures.
+"""Reproducing the paper's claims at small scale: one command trains every run, measures the
+diagnostics and the cost, and writes docs/results.md with its figures. It lives beside the library in
+the repository, not in the installed package; run it from the repository root:
 
     python -m experiments --preset quick --out runs/experiments-quick
 
 presets.py  the budgets;  plan.py  which runs each experiment needs;  runner.py  resumable tasks;
 diagnostics.py  the two failure modes and the vector-field picture;  cost.py  throughput and memory;
-results.py  reading the result files, statistics over seeds;  figures.py + report.py  the results page.
+results.py  reading the result files, statistics over seeds;  verdicts.py  the paper's numbers and the
+rules judging its claims;  findings.py  what each experiment found;  figures.py + report.py +
+templates/results.md  the results page.
 """
 
 from __future__ import annotations
