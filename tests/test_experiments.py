@@ -1,27 +1,30 @@
-"""flowseg.experiments: diagnostics on cases with known answers, the page's arithmetic, and the
-micro preset end to end (page, figures, skip-on-resume). The numbers of a preset are not tested."""
+"""experiments: diagnostics on cases with known answers, the plan, the page's arithmetic and verdict
+rules, the page rendered from made-up result files, and the micro preset end to end (page, figures,
+skip-on-resume). The numbers of a preset are not tested."""
 
 import dataclasses
 import functools
 import json
 import math
+import random
 
 import pytest
 import torch
 
-from flowseg.encoding import CategoryEncoding, build_encoding
-from flowseg.experiments import get_preset, run_experiments
-from flowseg.experiments.diagnostics import (
-    field_picture, measure_signal, sampled_traversal, signal_profile, straight_traversal, traversal_stats,
+from experiments import get_preset, plan, report, run_experiments
+from experiments.diagnostics import (
+    field_picture, measure_signal, pixel_signal, sampled_traversal, signal_profile, straight_traversal, traversal_stats,
 )
-from flowseg.experiments import plan
-from flowseg.experiments.plan import REFERENCE, ablation_groups, planned_runs, variants
-from flowseg.experiments.figures import COLOURS, curve_colours
-from flowseg.experiments.presets import Budget
+from experiments.figures import COLOURS, curve_colours
+from experiments.plan import REFERENCE, VANILLA, ablation_groups, planned_runs, variants
+from experiments.presets import Budget
+from experiments.report import read_blocks, t_draws, write_report
+from experiments.results import constant_prediction_miou, mean_sd, steps_to_reach
+from experiments.runner import COST_KEY, SESSIONS_FILE, flat_settings, result_path
+from experiments.verdicts import all_of_verdict, judge, one_step_verdict, order_verdict, speed_verdict
 from flowseg.config import load_config
 from flowseg.data import build_dataset
-from flowseg.experiments.report import t_draws
-from flowseg.experiments.results import constant_prediction_miou, judge, mean_sd, steps_to_reach
+from flowseg.encoding import IGNORE_INDEX, CategoryEncoding, build_encoding
 from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 
 # ---- (b) trajectory traversing ----------------------------------------------------------------
@@ -102,13 +105,28 @@ def test_signal_profile_bins_by_hand():
     assert profile.near_signal == 2.0 and profile.near_fraction == 0.5
 
 
+def test_pixel_signal_closed_form_for_a_silent_model():
+    # vanilla, v_theta = 0: signal = ||v*|| = ||x_1 - x_0||, x1_hat = x_t, distance = (1 - t) ||x_1 - x_0||
+    encoding = build_encoding("kronecker", 7)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 3, 4, 5, generator=generator) * 2 - 1      # x_0 = image at d = 3
+    labels = torch.randint(0, 7, (3, 4, 5), generator=generator)
+    labels[0, 0, :2] = IGNORE_INDEX
+    objective = FlowMatchingObjective(encoding, ObjectiveConfig(kind="vanilla", t_zero_fraction=0.0, x0_noise=0.0))  # t in (0, 1)
+    found = pixel_signal(objective, lambda x, t, img: torch.zeros_like(x), image, labels)
+    span = (encoding.encode(labels, ignore_fill=image) - image).norm(dim=1)  # 0 at ignore pixels
+    assert torch.allclose(found.signal, span, atol=1e-6)
+    assert torch.allclose(found.distance, (1 - found.t).view(-1, 1, 1) * span, atol=1e-6)
+    assert torch.equal(found.valid, labels != IGNORE_INDEX)
+
+
 def test_vanilla_signal_of_a_silent_model_is_the_path_length():
     # v_theta = 0: x1_hat = x_t, ||x1_hat - mu|| = (1 - t) ||x_1 - x_0|| and the vanilla signal is
     # ||v*|| = ||x_1 - x_0|| whatever t is: every bin's mean is that one number
     encoding = build_encoding("kronecker", 5)
     image = torch.full((2, 3, 4, 4), -0.2)
     labels = torch.full((2, 4, 4), 3, dtype=torch.int64)
-    objective = FlowMatchingObjective(encoding, ObjectiveConfig(kind="vanilla"))
+    objective = FlowMatchingObjective(encoding, ObjectiveConfig(kind="vanilla", x0_noise=0.0))
     profile = measure_signal(objective, lambda x, t, img: torch.zeros_like(x), image, labels, draws=3,
                              progress=0.0, seed=0)
     expected = (encoding.centroids[3] + 0.2).norm().item()
@@ -158,7 +176,7 @@ def test_ablations_vary_one_setting_of_the_default_objective():
     assert table[REFERENCE].overrides == ()
     taus = group(micro, "temperature tau").rows
     assert [row.variant for row in taus if row.label.startswith(f"tau = {default.tau:g} ")] == [REFERENCE]
-    method = next(row for row in taus if row.label == "tau = 1 (method.md)")
+    method = next(row for row in taus if row.label == "tau = 1 (docs/method.md)")
     assert table[method.variant].overrides == ("objective.tau=1.0",)
     shares = group(micro, "share of t = 0 draws").rows
     assert [row.variant for row in shares] == ["t_zero_fraction=0", REFERENCE]
@@ -176,7 +194,7 @@ def test_a_changed_default_moves_the_reference_row(monkeypatch):
     monkeypatch.setattr(plan, "ObjectiveConfig", functools.partial(ObjectiveConfig, tau=1.0, transform="sqrt"))
     micro = dataclasses.replace(get_preset("micro"), taus=(0.5,))
     rows = {row.label: row.variant for row in group(micro, "temperature tau").rows}
-    assert rows == {"tau = 0.5": "tau=0.5", "tau = 1 (method.md, default)": REFERENCE}
+    assert rows == {"tau = 0.5": "tau=0.5", "tau = 1 (docs/method.md, default)": REFERENCE}
     transforms = {row.label: row.variant for row in group(micro, "distance transform T(d)").rows}
     assert transforms["sqrt(d)"] == REFERENCE and transforms["-log(d + eps)"] == "transform=neg_log"
     assert "objective.tau=1.0" not in {o for v in variants(micro).values() for o in v.overrides}
@@ -185,7 +203,6 @@ def test_a_changed_default_moves_the_reference_row(monkeypatch):
 def test_t_draws_describes_the_share_at_zero():
     assert t_draws(ObjectiveConfig(t_zero_fraction=0.0)) == "t ~ U[0, 1]"
     assert t_draws(ObjectiveConfig(t_zero_fraction=0.9)) == "t = 0 in 90% of the draws, otherwise t ~ U[0, 1]"
-    assert t_draws(ObjectiveConfig(t_sampling="logit_normal", t_zero_fraction=0.0)).startswith("t = sigmoid(n)")
 
 
 # ---- the page's arithmetic ---------------------------------------------------------------------
@@ -210,6 +227,160 @@ def test_judge_and_mean_sd():
     assert mean_sd([]) == "n/a"
 
 
+def test_verdict_rules():
+    assert speed_verdict([2.1, 1.9], never=0, at_first=0) == "agrees"
+    assert speed_verdict([1.3, 1.4], never=0, at_first=0) == "partly: faster, by less than the paper's 2x"
+    assert speed_verdict([0.9], never=0, at_first=0) == "disagrees"
+    assert speed_verdict([3.0], never=1, at_first=0) == "disagrees in some seeds (never reached)"
+    assert speed_verdict([4.0, 4.0], never=0, at_first=2).startswith("inconclusive: reached at the first validation")
+    assert speed_verdict([], never=2, at_first=0).startswith("disagrees: reshaped never reached")
+    paper = ["a", "b", "c"]
+    assert order_verdict({"a": 0.3, "b": 0.2, "c": 0.1}, paper, seeds=2) == "agrees"
+    assert order_verdict({"a": 0.3, "b": 0.1, "c": 0.2}, paper, seeds=1) == "partly: a is best (1 seed)"
+    assert order_verdict({"a": 0.1, "b": 0.2, "c": math.nan}, paper, seeds=2) == "disagrees"
+    assert order_verdict({"a": 0.2, "b": 0.2, "c": 0.2}, paper, seeds=2) == "no difference"
+    assert all_of_verdict(["agrees", "agrees (1 seed)"]) == "agrees"
+    assert all_of_verdict(["agrees", "inconclusive (within 2 s.e. over 3 seeds)"]) == "inconclusive"
+    assert all_of_verdict(["inconclusive", "disagrees"]) == "disagrees"
+    assert one_step_verdict(0.95) == "agrees" and one_step_verdict(0.80) == "disagrees"
+    assert one_step_verdict(math.nan) == "not measured"
+
+
+# ---- the page from made-up result files ----------------------------------------------------------
+
+# per seed 0 and 1, the validation curves (steps 2 and 4 of micro) of the convergence runs: the reshaped
+# run reaches vanilla's final mIoU halfway between its validations, at step 3: a 4 / 3 speed-up
+CONVERGENCE = {VANILLA: ((0.10, 0.20), (0.12, 0.22)), REFERENCE: ((0.10, 0.30), (0.12, 0.32))}
+COST_CASES = {  # seconds per call of a batch of 2, peak MiB
+    "train/vanilla": (0.020, 40.0), "train/reshaped": (0.025, 44.0), "train/discriminative": (0.010, 30.0),
+    "infer/flow-1": (0.004, 9.0), "infer/flow-2": (0.008, 9.5), "infer/discriminative": (0.002, 8.0)}
+
+
+def write_fake_results(out, preset):
+    """A result file for every task of `preset`, as the runner writes them, with made-up numbers: the
+    convergence runs as in CONVERGENCE, others drawn at random; the sqrt-transform run of seed 1 diverged."""
+    def save(key, record):
+        path = result_path(out, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**record, "task_seconds": 30.0, "processes": {"workers": 2, "threads": 1}}))
+
+    save(COST_KEY, {
+        "machine": {"cpu": "Test CPU", "cores": 2, "torch_threads": 1, "gpu": None, "torch": "9.9", "python": "3.99"},
+        "device": "cpu", "batch_size": 2, "image_size": preset.image_size, "model_size": preset.model_size,
+        "train_reference": "train/vanilla", "infer_reference": "infer/discriminative",
+        "cases": {name: {"seconds_per_call": seconds, "images_per_second": 2 / seconds, "peak_memory_mib": memory,
+                         "parameters": 1_900_000 if name.endswith("discriminative") else 2_000_000}
+                  for name, (seconds, memory) in COST_CASES.items()}})
+    for spec in planned_runs(preset):
+        name, rng = spec.variant.name, random.Random(spec.key)
+        steps = list(range(spec.budget.val_every, spec.budget.steps + 1, spec.budget.val_every))
+        record = {"key": spec.key, "dataset": spec.dataset, "variant": name, "budget": spec.budget_name,
+                  "seed": spec.seed}
+        if name == "transform=sqrt" and spec.seed == 1:
+            save(f"train/{spec.key}", {**record, "status": "diverged", "diverged_at": 3})
+            continue
+        convergence = spec.budget_name == "convergence" and name in CONVERGENCE
+        curve = CONVERGENCE[name][spec.seed] if convergence else sorted(rng.uniform(0.05, 0.4) for _ in steps)
+        save(f"train/{spec.key}", {**record, "status": "done", "steps": spec.budget.steps, "train_seconds": 10.0,
+                                   "curve": [{"step": s, "miou": m} for s, m in zip(steps, curve)],
+                                   "test": {"miou": curve[-1], "iou": [curve[-1]] * 11}})
+        if not convergence or spec.dataset != preset.ablation_dataset:
+            continue
+        if name == REFERENCE:  # 10 Euler steps best, 1 step at 0.9 / 1.1 of it
+            save(f"sweep/{spec.key}", {"status": "done", "images": 2, **{
+                method: [{"steps": s, "miou": curve[-1] * (1.1 - abs(s - 10) / 45)} for s in counts]
+                for method, counts in (("euler", preset.euler_sweep), ("heun", preset.heun_sweep))}})
+        states = preset.eval_steps + 1
+        traversed = (0.3 if name == VANILLA else 0.1) + 0.01 * spec.seed
+        stats = lambda share: {"traversed": share, "ends_wrong": share / 2,  # noqa: E731
+                               "third_class_by_state": [share] * states, "wrong_by_state": [0.5] * states}
+        save(f"diagnostics/{spec.key}", {
+            "status": "done", "images": 2, "sampler_steps": preset.eval_steps,
+            "signal": [{"step": s, "edges": [0.01, 0.1, 1.0], "counts": [5, 10], "mean_signal": [0.5, 1.0],
+                        "near_radius": 0.2, "near_fraction": 0.1,
+                        "near_signal": (0.4 if name == REFERENCE else 0.2) * (1 + 0.1 * spec.seed)} for s in steps],
+            "traversal": stats(traversed), "straight_traversal": stats(0.2)})
+    sessions = [{"tasks": 40, "wall_seconds": 600.0, "workers": 2}, {"tasks": 2, "wall_seconds": 60.0, "workers": 1}]
+    (out / SESSIONS_FILE).write_text("".join(json.dumps(s) + "\n" for s in sessions))
+
+
+class RecordingBlocks(dict):
+    """The template's blocks, noting which ones the page uses."""
+
+    def __init__(self, blocks):
+        super().__init__(blocks)
+        self.used = set()
+
+    def __getitem__(self, name):
+        self.used.add(name)
+        return super().__getitem__(name)
+
+
+@pytest.fixture(scope="module")
+def fake_pages(tmp_path_factory):
+    """The page of made-up results for 2 seeds of micro, and the page of an empty output folder; and the
+    template blocks the two used."""
+    root = tmp_path_factory.mktemp("pages")
+    preset = dataclasses.replace(get_preset("micro"), seeds=(0, 1))
+    write_fake_results(root / "fake", preset)
+    blocks = RecordingBlocks(read_blocks())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "read_blocks", lambda: blocks)
+        pages = [write_report(preset, root / name, root / name / "docs" / "results.md", "cmd").read_text()
+                 for name in ("fake", "empty")]
+    return pages, blocks
+
+
+def test_page_from_made_up_results_quotes_them_and_judges_each_claim(fake_pages):
+    (text, _), _ = fake_pages
+    for shown in (
+        # set-up and cost, from the cost record
+        "- Hardware: Test CPU, 2 cores, GPU: none; torch 9.9; Python 3.99; processes: 2 worker(s) x 1 thread(s)",
+        "- Model: T/8 (2.00 M parameters), 16x16 images", "(mnist-seg: `paper-mnist-seg`, shapes: `shapes`)",
+        "+25.0% training time", "| train/reshaped | 25.0 | 80.0 | 0.80 | 44.0 | 1.10 |",
+        # 1: final val and test mIoU 21 / 31 (mean of two seeds), reached at step 3 of 4
+        "| mnist-seg | 21.0 ± 1.4 | 31.0 ± 1.4 | 10.0 ± 0.0 | 3 ± 0 | 1.33 ± 0.00x | 21.0 ± 1.4 | 31.0 ± 1.4 |",
+        "| mnist-seg: reshaped reaches vanilla's final mIoU about 2x sooner | 2x | 1.33 ± 0.00x | "
+        "partly: faster, by less than the paper's 2x |",
+        "| mnist-seg: reshaped beats vanilla at equal steps | yes (ADE20K) | 10.0 ± 0.0 mIoU points (test: 10.0 ± 0.0) "
+        "| agrees |",
+        "| reshaped, correction <= 0.5 |",
+        # 2: the diverged run is named, the paper's number quoted
+        "| 28.32 | seed 1 diverged at step 3 |",
+        # 4: 1 step at 0.9 / 1.1 = 0.818 of 10 steps, outside the paper's 92% +- 5
+        "| 1 Euler step gives ~92% of the 10-step mIoU | 92.3% | 81.8% | disagrees |",
+        "| 10 Euler steps are best | 10 best (47.1) | best: 10 steps (+0.0 points over 10) | agrees |",
+        # 6: near-centroid signal 0.4 / 0.2 (x 1.1 in seed 1): 2x; traversing 30 and 31 % against 10 and 11 %
+        "| reshaped / vanilla near-centroid signal: 2.00 ± 0.00x | agrees |",
+        "| vanilla | 30.5 ± 0.7 | 15.2 ± 0.4 |", "| straight path | 20.0 ± 0.0 | 10.0 ± 0.0 |",
+        "| vanilla - reshaped traversing share: 20.0 ± 0.0 points | agrees |",
+        # time spent: 39 tasks of 30 s make 2 sessions' 11 min of wall time
+        "Wall time: **11.0 min** over 2 invocation(s) that ran tasks (40 tasks in 10.0 min with 2 worker(s); "
+        "2 tasks in 1.0 min with 1 worker(s))",
+        "Where this run disagrees with the paper: mnist-seg: reshaped reaches vanilla's final mIoU about 2x sooner;",
+    ):
+        assert shown in text, shown
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Set-up", "## Summary: the paper's claims against this run",
+                        "## 1. Convergence: vanilla vs reshaped flow matching", "## 2. Ablations",
+                        "## 3. Category encodings", "## 4. Sampling steps", "## 5. Generative vs discriminative",
+                        "## 6. Diagnostics of the two failure modes", "## 7. Cost", "## Time spent", "## Reproduce"]
+    assert "$" not in text and "<!--" not in text and "\n\n\n" not in text
+
+
+def test_page_of_an_empty_folder_says_what_is_missing(fake_pages):
+    (_, text), _ = fake_pages
+    for shown in ("- Model: T/8\n", "No sweep result", "No diagnostics result", "No cost result.",
+                  "No claim is contradicted by this run.", "| mnist-seg | n/a | n/a |"):
+        assert shown in text, shown
+    assert "$" not in text and "<!--" not in text
+
+
+def test_every_block_of_the_template_is_used(fake_pages):
+    _, blocks = fake_pages
+    assert blocks.used == set(read_blocks())
+
+
 def test_constant_prediction_floor_by_hand():
     # predicting class m everywhere: IoU_m = count_m / all pixels, 0 for every other class present
     micro = get_preset("micro")
@@ -229,13 +400,28 @@ def test_runs_are_shared_between_experiments_with_equal_budgets():
     assert len(planned_runs(shared)) == len(planned_runs(micro)) - 2  # vanilla and reshaped run once
 
 
-def test_every_run_measures_the_papers_network_whatever_the_dataset_config_sets():
-    # the mnist-seg config turns on the conv stem, the token loss, an 8-d code and grid shifts for the demo
-    for spec in planned_runs(get_preset("micro")):
-        config = load_config(spec.dataset, spec.overrides())
-        model = config.model
-        assert (model.stem, model.token_loss_weight, model.dim) == ("patch", 0.0, None), spec.key
-        assert config.eval.grid_shifts == 1, spec.key
+# the settings of the paper's network that the demo's recipe (mnist-seg.yaml) changes
+PAPER_NETWORK = {"model.stem": "patch", "model.dim": None, "model.token_head": False, "eval.grid_shifts": 1}
+
+
+def test_the_paper_recipe_is_the_demo_recipe_without_its_additions():
+    demo, paper = (flat_settings(load_config(name)) for name in ("mnist-seg", "paper-mnist-seg"))
+    assert {key: paper[key] for key in PAPER_NETWORK} == PAPER_NETWORK
+    # besides those, the sampler's step count (the paper's 10 Euler steps), the token loss's weight and
+    # the demo's noise-free path
+    demo_only = {"eval.steps", "objective.token_loss_weight", "objective.x0_noise", "objective.t_zero_fraction"}
+    assert {key for key in demo if demo[key] != paper[key]} == set(PAPER_NETWORK) | demo_only
+
+
+def test_every_run_measures_the_papers_network():
+    micro = get_preset("micro")
+    runs = planned_runs(micro, ade20k_root="unused")
+    assert {(spec.dataset, spec.recipe) for spec in runs} == {
+        ("mnist-seg", "paper-mnist-seg"), ("shapes", "shapes"), ("ade20k", "ade20k")}
+    for spec in runs:
+        settings = flat_settings(load_config(spec.recipe, spec.overrides()))
+        assert {key: settings[key] for key in PAPER_NETWORK} == PAPER_NETWORK, spec.key
+        assert settings["data.name"] == spec.dataset
 
 
 def test_bounded_correction_runs_only_at_the_convergence_budget():

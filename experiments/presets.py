@@ -9,28 +9,23 @@ the results page records the time it really took.
     quick   <= 15 min on 2 CPU cores (2 worker processes), one seed: checks the pipeline, first indications
     full    <= 100 min on 2 CPU cores (2 worker processes), three seeds: means and spread
 
-quick and full train T/4 (an 8 x 8 token grid at 32 px; T/8's 4 x 4 grid stayed at background-only
+quick and full train T/4 (an 8 x 8 token grid at 32 px; T/8's 4 x 4 grid stays at background-only
 mIoU on mnist-seg) at lr 5e-3, batch 16. On mnist-seg the validation mIoU of this model stays near
 the constant-prediction floor for about 1000 steps and takes off between about 1000 and 2500 steps
 (docs/core.md), which sets the budgets:
 
 quick   convergence 800 steps on both datasets (and the bounded correction on mnist-seg), ablations 150
-        steps. On 2 idle cores it took 11.2 min (29 tasks, before the bounded-correction run, which adds
-        about 800 x 0.199 s / 2 workers = 1.3 min); its training tasks took 0.199 s of worker time per
-        optimizer step, validation and test evaluation included. At these budgets the ablations sit at
-        the floor: quick shows that every run trains and every section is written, and at most the start
-        of the takeoff.
+        steps. At these budgets the ablations sit at the floor: quick shows that every run trains and
+        every section is written, and at most the start of the takeoff.
 full    convergence 3000 steps on mnist-seg only (vanilla, reshaped, and reshaped with the correction
         bounded at 0.5), ablations 600 steps, 3 seeds. The convergence runs must go past the takeoff to
-        measure a speed-up: docs/core.md's run with these defaults (T/4, lr 5e-3, t_zero_fraction 0.9) was
-        at 0.11 at 1000 steps and 0.34 at 3000. A second dataset's pair would cost another ~30 min at 3000
-        steps; even at 2000 steps it fits only by cutting the 19 ablation runs per seed to ~450 steps,
-        where quick's mnist-seg runs were still near the floor; so shapes runs only in quick (and micro).
-        The ablations at 600 steps are short of the takeoff too: read them as early-training differences.
-        Estimate from the full preset's own task times with 2 workers on an idle machine (2026-11-25: a
-        3000-step run 528-566 s, a 600-step run 111-125 s): 3 x (3 x 540 + 19 x 118) s / 2 workers =
-        97 min of training, plus about 3 min for the cost experiment, the sampling sweeps and the
-        diagnostics: about 100 min.
+        measure a speed-up. A second dataset's pair at 3000 steps would fit the time only with the 19
+        ablation runs per seed cut to where quick's runs are still near the floor, so shapes runs only
+        in quick (and micro). The ablations at 600 steps are short of the takeoff too: read them as
+        early-training differences.
+
+The time each preset took (and so whether it still fits its minutes) is on the results page, under
+*Time spent*.
 """
 
 from __future__ import annotations
@@ -78,7 +73,7 @@ class Preset:
     euler_sweep: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
     heun_sweep: tuple[int, ...] = (1, 2, 5, 10, 20)
     cost_inference_steps: tuple[int, ...] = (1, 2, 5, 10, 20)
-    taus: tuple[float, ...] = ()     # besides ObjectiveConfig().tau and method.md's tau = 1, always swept
+    taus: tuple[float, ...] = ()     # besides ObjectiveConfig().tau and docs/method.md's tau = 1, always swept
     epses: tuple[float, ...] = (1e-2,)                   # besides ObjectiveConfig().eps
     # bounds on the correction (objective.correction_clip, not in the paper), each a run at the convergence
     # budget on the ablation dataset beside vanilla and reshaped (experiment 1)

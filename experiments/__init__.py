@@ -1,11 +1,14 @@
-"""Reproducing the paper's claims at small scale (issue 5): one command trains every run, measures
-the diagnostics and the cost, and writes docs/results.md with its figures.
+"""Reproducing the paper's claims at small scale: one command trains every run, measures the
+diagnostics and the cost, and writes docs/results.md with its figures. It lives beside the library in
+the repository, not in the installed package; run it from the repository root:
 
-    python -m flowseg.experiments --preset quick --out runs/experiments-quick
+    python -m experiments --preset quick --out runs/experiments-quick
 
 presets.py  the budgets;  plan.py  which runs each experiment needs;  runner.py  resumable tasks;
 diagnostics.py  the two failure modes and the vector-field picture;  cost.py  throughput and memory;
-results.py  reading the result files, statistics over seeds;  figures.py + report.py  the results page.
+results.py  reading the result files, statistics over seeds;  verdicts.py  the paper's numbers and the
+rules judging its claims;  findings.py  what each experiment found;  figures.py + report.py +
+templates/results.md  the results page.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from experiments.presets import PRESETS, Budget, Preset, get_preset
+from experiments.report import write_report
+from experiments.runner import SESSIONS_FILE, Runner, Settings, log, open_log
 from flowseg.checkpoint import ensure_writable_dir
 from flowseg.distributed import resolve_device
-from flowseg.experiments.presets import PRESETS, Budget, Preset, get_preset
-from flowseg.experiments.report import write_report
-from flowseg.experiments.runner import SESSIONS_FILE, Runner, Settings, log, open_log
 
 __all__ = ["PRESETS", "Budget", "Preset", "get_preset", "run_experiments"]
 
@@ -46,7 +49,7 @@ def run_experiments(preset: str, out: str | Path, page: str | Path = "docs/resul
     out = ensure_writable_dir(out)
     page = Path(page)
     ensure_writable_dir(page.parent)
-    command = command or f"python -m flowseg.experiments --preset {preset} --out {out}"
+    command = command or f"python -m experiments --preset {preset} --out {out}"
     settings = Settings(chosen, out, resolve_device(device).type, threads, workers, ade20k_root, keep_checkpoints)
     with open_log(out) as stream:
         if not report_only:

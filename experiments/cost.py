@@ -24,12 +24,13 @@ from typing import Callable
 
 import torch
 
+from experiments.presets import Preset
 from flowseg.data import build_dataset
 from flowseg.encoding import build_encoding
-from flowseg.experiments.presets import Preset
 from flowseg.memory import process_status_kib
 from flowseg.models import build_model
-from flowseg.objective import FlowMatchingObjective, ObjectiveConfig, discriminative_loss
+from flowseg.losses import discriminative_loss
+from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 from flowseg.sampling import segment
 
 TRAIN_CASES = ("train/vanilla", "train/reshaped", "train/discriminative")
@@ -55,22 +56,27 @@ def make_case(name: str, preset: Preset, image: torch.Tensor, labels: torch.Tens
     encoding = build_encoding("kronecker", num_classes).to(image.device)
     model = build_model(kind, preset.model_size, dim=encoding.dim, num_classes=num_classes).to(image.device)
     parameters = sum(p.numel() for p in model.parameters())
+
+    def velocity(x_t: torch.Tensor, t: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        return model(x_t, t, img).out
+
     if name.startswith("train/"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr)
         objective = None if kind == "discriminative" else \
             FlowMatchingObjective(encoding, ObjectiveConfig(kind=name.removeprefix("train/")))
 
         def call() -> None:
-            loss = discriminative_loss(model(image), labels) if objective is None else objective(model, image, labels)
+            loss = discriminative_loss(model(image).out, labels) if objective is None else \
+                objective(velocity, image, labels)
             loss.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return call, parameters
     model.eval()
     if kind == "discriminative":
-        return torch.no_grad()(lambda: model(image).argmax(1)), parameters
+        return torch.no_grad()(lambda: model(image).out.argmax(1)), parameters
     steps = int(name.removeprefix("infer/flow-"))
-    return lambda: segment(model, image, encoding, steps), parameters
+    return lambda: segment(velocity, image, encoding, steps), parameters
 
 
 def _synchronize(device: torch.device) -> None:

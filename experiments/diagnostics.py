@@ -1,8 +1,9 @@
-"""Diagnostics of the two failure modes of vanilla flow matching (method.md section 3).
+"""Diagnostics of the two failure modes of vanilla flow matching (docs/method.md, section 3).
 
 (a) Gradient vanishing. The per-pixel training signal is ||v_tgt - v_theta||, half the norm of the
     loss gradient with respect to the network output v. For vanilla flow matching with v-prediction
     it is ||x1_hat - x_1|| / (1 - t): it fades linearly as the estimate x1_hat reaches its centroid.
+    pixel_signal reads it off the objective's own training draw (FlowMatchingObjective.targets);
     signal_profile bins it by the distance ||x1_hat - mu_true||.
 (b) Trajectory traversing. Along a sampled trajectory of states z_0 = x_0 (the image), z_1, ..., z_S
     (z_i = x_t at t = i / S) every state is decoded to its nearest centroid. A pixel "traverses" when
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from flowseg.encoding import IGNORE_INDEX, CategoryEncoding
 from flowseg.flow import image_to_x0
-from flowseg.objective import FlowMatchingObjective, ObjectiveConfig, distance_correction
+from flowseg.correction import distance_correction
+from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
 from flowseg.sampling import VelocityFn, integrate
 
 NEAR_FRACTION = 0.25  # "near its centroid": closer than this fraction of the encoding's minimum spacing
@@ -70,12 +72,30 @@ def signal_profile(distance: Tensor, signal: Tensor, valid: Tensor, edges: np.nd
         near_fraction=float(near.mean()) if len(d) else float("nan"))
 
 
+@dataclass
+class PixelSignal:
+    """One draw of t per image: each pixel's training signal against its clean estimate's distance."""
+    t: Tensor            # (B,)
+    distance: Tensor     # (B, H, W) ||x1_hat - mu_true||, 0 at ignore pixels
+    signal: Tensor       # (B, H, W) ||v_tgt - v_theta||, half the norm of dL_pixel/dv
+    valid: Tensor        # (B, H, W) bool, pixels with a class label
+
+
+@torch.no_grad()
+def pixel_signal(objective: FlowMatchingObjective, model: VelocityFn, image: Tensor, labels: Tensor,
+                 progress: float = 0.0, generator: torch.Generator | None = None) -> PixelSignal:
+    """The objective's own training draw (objective.targets), reduced to the two per-pixel norms."""
+    f = objective.targets(model, image, labels, progress, generator)
+    mu_true = objective.encoding.encode(labels, ignore_fill=f.x1_hat)  # (B, d, H, W)
+    return PixelSignal(f.t, (f.x1_hat - mu_true).norm(dim=1), (f.v_target - f.v_pred).norm(dim=1), f.valid)
+
+
 @torch.no_grad()
 def measure_signal(objective: FlowMatchingObjective, model: VelocityFn, image: Tensor, labels: Tensor,
                    draws: int, progress: float, seed: int) -> SignalProfile:
     """The profile of `model`'s own training signal over `draws` independent draws of t per image."""
     generator = torch.Generator(image.device).manual_seed(seed)
-    parts = [objective.diagnose(model, image, labels, progress, generator) for _ in range(draws)]
+    parts = [pixel_signal(objective, model, image, labels, progress, generator) for _ in range(draws)]
     encoding = objective.encoding
     return signal_profile(torch.stack([p.distance for p in parts]), torch.stack([p.signal for p in parts]),
                           torch.stack([p.valid for p in parts]), distance_bins(encoding),

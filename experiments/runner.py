@@ -33,6 +33,10 @@ from typing import Callable, Iterator, TextIO
 import torch
 from tqdm import tqdm
 
+from experiments.cost import measure_cost
+from experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
+from experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
+from experiments.presets import Preset
 from flowseg.build import EVAL_DATA_SEED, build_network, load_segmenter, load_split
 from flowseg.checkpoint import (
     CHECKPOINTS_DIR, fit_state_dict, latest_checkpoint, list_checkpoints, load_train_state, load_weights, prune_checkpoints,
@@ -41,14 +45,10 @@ from flowseg.checkpoint import (
 from flowseg.config import Config, config_from_yaml, load_config
 from flowseg.data import build_dataset
 from flowseg.evaluate import evaluate_dataset
-from flowseg.experiments.cost import measure_cost
-from flowseg.experiments.diagnostics import measure_signal, sampled_traversal, straight_traversal
-from flowseg.experiments.plan import DISCRIMINATIVE, REFERENCE, VANILLA, RunSpec, planned_runs
-from flowseg.experiments.presets import Preset
 from flowseg.objective import FlowMatchingObjective
 from flowseg.train import TrainingDiverged, train
 
-log = logging.getLogger("flowseg.experiments")
+log = logging.getLogger("experiments")
 COST_KEY = "cost"
 LOG_FILE = "experiments.log"
 SESSIONS_FILE = "sessions.jsonl"  # one line per invocation that ran tasks: its wall time
@@ -218,7 +218,7 @@ class Runner:
                                         f"train.device={self.device.type}", f"eval.device={self.device.type}"]
         if spec.variant.name == DISCRIMINATIVE:
             overrides.append(f"train.steps={self.equal_time_steps(spec)}")
-        return load_config(spec.dataset, overrides)
+        return load_config(spec.recipe, overrides)
 
     def equal_time_steps(self, spec: RunSpec) -> int:
         """Steps of the twin that take as long as the reshaped run's steps, by the cost experiment's
@@ -322,11 +322,13 @@ class Runner:
             model, encoding = build_network(config, read_checkpoint(checkpoint).num_classes)
             fit_state_dict(model, load_weights(checkpoint, "model"), f"checkpoint {checkpoint}")
             objective = FlowMatchingObjective(encoding.to(self.device), config.objective)
-            profile = measure_signal(objective, model.to(self.device).eval(), image, labels,
+            model = model.to(self.device).eval()
+            profile = measure_signal(objective, lambda x_t, t, img: model(x_t, t, img).out, image, labels,
                                      self.preset.diag_draws, min(1.0, step / config.train.steps), seed=spec.seed)
             signal.append({"step": step, **asdict(profile)})
         segmenter, _ = load_segmenter(final)
-        sampled = sampled_traversal(segmenter.model, segmenter.encoding, image, labels, config.eval.steps)
+        sampled = sampled_traversal(lambda x_t, t, img: segmenter.model(x_t, t, img).out, segmenter.encoding,
+                                    image, labels, config.eval.steps)
         straight = straight_traversal(segmenter.encoding, image, labels, config.eval.steps)
         self.release_checkpoints(spec)
         return {"key": spec.key, "status": "done", "images": image.shape[0], "signal": signal,

@@ -1,4 +1,4 @@
-"""`python -m flowseg.experiments --preset quick|full --out DIR [--page docs/results.md]`
+"""`python -m experiments --preset quick|full --out DIR [--page docs/results.md]`
 
 Runs every task of the preset that has no result file in DIR yet (so a second call after an
 interruption continues where the first stopped), then regenerates the results page and its figures
@@ -12,11 +12,11 @@ import shlex
 import sys
 from typing import Sequence
 
-from flowseg.experiments import PRESETS, run_experiments
+from experiments import PRESETS, run_experiments
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowseg.experiments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     parser.add_argument("--out", required=True, help="folder for runs and result files (reused to resume)")
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--delete-checkpoints", action="store_true",
                         help="delete each run's checkpoints once its results are written (default: keep the final one)")
     args = parser.parse_args(argv)
-    command = "python -m flowseg.experiments " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m experiments " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     try:
         page = run_experiments(args.preset, args.out, args.page, args.threads, args.workers, args.device,
                                args.ade20k, args.report_only, not args.no_progress, command,

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from flowseg.experiments.diagnostics import FieldPicture
+from experiments.diagnostics import FieldPicture
 from flowseg.visualize import save_figure
 
 COLOURS = {"vanilla": "tab:blue", "reshaped": "tab:red", "straight path": "tab:grey", "discriminative": "tab:green"}

@@ -1,19 +1,17 @@
 """The plan: which training runs each experiment needs, as config overrides of one base run.
 
-Every run is the base configuration (the dataset's shipped config, the preset's model, image size
-and budget, PixNerd's linear patch embedding, no token loss, the encoding's default dimension, and
-the objective with the library's defaults, flowseg.objective.ObjectiveConfig()) plus the overrides
-of one variant. The convolutional stem, the token loss and the 8-dimensional code (model.stem,
-model.token_loss_weight and model.dim, all set in the mnist-seg config) are switched off, and models
-are evaluated in one pass (eval.grid_shifts, also set there), because these experiments measure the
-paper's objectives on the paper's network and its d = 3 code, and each would act on every variant
-alike. An objective ablation compares values of one ObjectiveConfig field; the row whose value is
-the default is the reference run itself, so when a default changes the plan follows it. Experiments
-share runs: the ablations' default rows, the encodings' "kronecker" row and the flow side of
+Every run is the base configuration (its dataset's paper recipe, with the preset's model size, image
+size and budget, and the objective with the library's defaults, flowseg.objective.ObjectiveConfig())
+plus the overrides of one variant. A paper recipe is a shipped config holding the paper's network:
+these experiments measure the paper's objectives on it, so the demo's additions to it (mnist-seg.yaml's
+convolutional stem, 8-d code, token loss and grid shifts), which would act on every variant alike, stay
+out. An objective ablation compares values of one ObjectiveConfig field; the row whose value is the
+default is the reference run itself, so when a default changes the plan follows it. Experiments share
+runs: the ablations' default rows, the encodings' "kronecker" row and the flow side of
 generative-vs-discriminative are all the variant "reshaped" at the ablation budget, and when the
 ablation budget equals the convergence budget that is also the convergence run.
-A run's key hashes its complete override list, so two experiments asking for the same configuration
-get the same run, and changing a budget gives a new run rather than reusing a stale one.
+A run's key hashes its recipe and complete override list, so two experiments asking for the same
+configuration get the same run, and changing a budget gives a new run rather than reusing a stale one.
 """
 
 from __future__ import annotations
@@ -21,18 +19,26 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from flowseg.experiments.presets import Budget, Preset
+from experiments.presets import Budget, Preset
 from flowseg.objective import ObjectiveConfig
 
+# the shipped config each dataset's runs start from: mnist-seg's own config is the demo's recipe, the
+# other datasets' configs hold the paper's network already
+PAPER_RECIPES = {"mnist-seg": "paper-mnist-seg"}
 REFERENCE = "reshaped"  # the reshaped objective with every ObjectiveConfig default, image conditioning on
 VANILLA = "vanilla"
 DISCRIMINATIVE = "discriminative"
 ENCODING_ROWS = ("kronecker", "rd", "lattice", "random", "bits", "onehot")
-METHOD_TAU = 1.0        # method.md's [decided] tau: always a row of the temperature sweep
+METHOD_TAU = 1.0        # the tau of docs/method.md, section 3: always a row of the temperature sweep
 PAPER_T_ZERO_FRACTION = 0.0  # the paper draws t ~ U[0, 1]: no extra draws at t = 0
 TRANSFORM_LABELS = {"neg_log": "-log(d + eps)", "inverse": "1 / (d + eps)", "sqrt": "sqrt(d)", "identity": "d"}
 SCHEDULE_LABELS = {"constant": "static (constant lambda)", "annealed": "annealed (lambda -> 0)"}
 PARAMETERIZATION_LABELS = {"v": "v-prediction", "x": "x-prediction"}
+
+
+def paper_recipe(dataset: str) -> str:
+    """The shipped config (flowseg/configs/<name>.yaml) a dataset's runs start from."""
+    return PAPER_RECIPES.get(dataset, dataset)
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,12 @@ class RunSpec:
     preset: Preset
     data_root: str | None = None
 
+    @property
+    def recipe(self) -> str:
+        return paper_recipe(self.dataset)
+
     def overrides(self) -> list[str]:
-        """The complete override list of this run (everything but train.out_dir)."""
+        """The complete override list of this run on top of its recipe (everything but train.out_dir)."""
         p, b = self.preset, self.budget
         base = [
             f"data.image_size={p.image_size}", "data.augment=null", f"model.size={p.model_size}",
@@ -62,8 +72,6 @@ class RunSpec:
             f"optim.lr={p.lr}", f"optim.warmup_steps={b.warmup_steps}", "optim.weight_decay=0.0",
             "optim.ema_decay=0.999", "data.num_workers=0",
             f"eval.steps={p.eval_steps}", "eval.sampler=euler", "eval.inference=resize", "eval.batch_size=16",
-            "eval.grid_shifts=1",
-            "model.stem=patch", "model.token_loss_weight=0.0", "model.dim=null",
         ]
         if self.data_root is not None:
             base.append(f"data.root={self.data_root}")
@@ -71,7 +79,7 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        digest = hashlib.sha256("\n".join([self.dataset, *self.overrides()]).encode()).hexdigest()[:10]
+        digest = hashlib.sha256("\n".join([self.recipe, *self.overrides()]).encode()).hexdigest()[:10]
         return f"{self.dataset}/{self.variant.name}/seed{self.seed}-{digest}"
 
 
@@ -181,8 +189,8 @@ def ablation_groups(preset: Preset) -> list[AblationGroup]:
         AblationGroup("image conditioning", (
             Row("image as extra input channels", REFERENCE), Row("x_t only", "no-image-conditioning")),
             "not ablated in the paper (a project decision)"),
-        AblationGroup("temperature tau", _sweep_rows("tau", "tau", sweeps["tau"], {METHOD_TAU: "method.md"}),
-                      f"not reported; method.md's [decided] tau = {METHOD_TAU:g}, flowseg's default {default.tau:g}"),
+        AblationGroup("temperature tau", _sweep_rows("tau", "tau", sweeps["tau"], {METHOD_TAU: "docs/method.md"}),
+                      f"not reported; docs/method.md's tau = {METHOD_TAU:g}, flowseg's default {default.tau:g}"),
         AblationGroup("eps", _sweep_rows("eps", "eps", sweeps["eps"], {}),
                       f"not reported; flowseg's default eps = {default.eps:g}"),
         AblationGroup("share of t = 0 draws", _sweep_rows(

@@ -1,7 +1,6 @@
 """Reading a preset's result files, and the statistics over seeds the results page is built from.
 
-Where several seeds ran, a figure is "mean ± sample standard deviation"; a claim is judged on the
-per-seed differences, paired by seed.
+Where several seeds ran, a figure is "mean ± sample standard deviation"; differences are paired by seed.
 """
 
 from __future__ import annotations
@@ -14,12 +13,12 @@ from typing import Iterator, Sequence
 
 import torch
 
+from experiments.plan import RunSpec, paper_recipe, variants
+from experiments.presets import Preset
+from experiments.runner import COST_KEY, SESSIONS_FILE, read_result
 from flowseg.build import EVAL_DATA_SEED
 from flowseg.config import load_config
 from flowseg.data import build_dataset
-from flowseg.experiments.plan import RunSpec, variants
-from flowseg.experiments.presets import Preset
-from flowseg.experiments.runner import COST_KEY, SESSIONS_FILE, read_result
 from flowseg.metrics import ConfusionMatrix
 
 # ---- numbers ----------------------------------------------------------------------------------
@@ -34,23 +33,6 @@ def mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> s
     if len(finite) == 1:
         return f"{finite[0]:.{digits}f}"
     return f"{statistics.mean(finite):.{digits}f} ± {statistics.stdev(finite):.{digits}f}"
-
-
-def judge(differences: Sequence[float], seeds: int) -> str:
-    """Verdict on a claim 'difference > 0' from per-seed differences: agrees / disagrees, or
-    inconclusive when the mean lies within two standard errors of 0."""
-    values = [d for d in differences if d is not None and math.isfinite(d)]
-    if not values:
-        return "not measured"
-    mean = statistics.mean(values)
-    note = "" if seeds > 1 else " (1 seed)"
-    if all(v == 0 for v in values):
-        return "no difference" + note
-    if len(values) > 1:
-        standard_error = statistics.stdev(values) / math.sqrt(len(values))
-        if abs(mean) <= 2 * standard_error:
-            return f"inconclusive (within 2 s.e. over {len(values)} seeds)"
-    return ("agrees" if mean > 0 else "disagrees") + note
 
 
 def steps_to_reach(curve: Sequence[dict], target: float) -> float | None:
@@ -84,7 +66,7 @@ def status_note(runs: Sequence[dict]) -> str:
 def constant_prediction_miou(dataset: str, preset: Preset, root: str | None = None) -> float:
     """mIoU of predicting the most frequent class everywhere, on the images the final test mIoU uses:
     the floor a trained model has to clear."""
-    split = load_config(dataset).eval.split
+    split = load_config(paper_recipe(dataset)).eval.split
     data = build_dataset(dataset, split, root=root, image_size=preset.image_size, seed=EVAL_DATA_SEED)
     labels = torch.stack([data[i]["label"] for i in range(min(preset.eval_samples, len(data)))])
     valid = labels[labels != data.ignore_index]
@@ -106,6 +88,13 @@ class Results:
         self.datasets = list(preset.datasets) + (["ade20k"] if ade20k_root else [])
         self.roots = {"ade20k": ade20k_root}
         self.cost = read_result(out, COST_KEY)
+        self._floors: dict[str, float] = {}
+
+    def floor(self, dataset: str) -> float:
+        """constant_prediction_miou of a dataset, computed once (it generates or reads the images)."""
+        if dataset not in self._floors:
+            self._floors[dataset] = constant_prediction_miou(dataset, self.preset, self.roots.get(dataset))
+        return self._floors[dataset]
 
     def spec(self, dataset: str, variant: str, budget: str, seed: int) -> RunSpec:
         amount = self.preset.convergence if budget == "convergence" else self.preset.ablation
