@@ -1,4 +1,4 @@
-"""Category encodings: every class k gets a fixed centroid mu_k in R^d (method.md section 2).
+"""Category encodings: every class k gets a fixed centroid mu_k in R^d (docs/method.md, section 2).
 
 A label map becomes the "mask image" x_1 with x_1[:, i, j] = mu_{label(i, j)}; a point x is decoded
 to the class of its nearest centroid. Distances to all N centroids are computed from the expansion

@@ -1,4 +1,4 @@
-"""Benchmark segmentation metrics (method.md section 6).
+"""Benchmark segmentation metrics (docs/method.md, section 6).
 
 One N x N confusion matrix is accumulated over the whole split (ignore label excluded), then
 IoU_k = TP_k / (TP_k + FP_k + FN_k), and mIoU is the mean over the classes whose union is non-empty.

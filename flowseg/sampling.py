@@ -1,5 +1,5 @@
 """Inference: integrate dx/dt = v(x, t, I) from t = 0 (the image) to t = 1, then decode each pixel to
-its nearest centroid (method.md section 1). Any callable velocity model works.
+its nearest centroid (docs/method.md, section 1). Any callable velocity model works.
 """
 from __future__ import annotations
 
