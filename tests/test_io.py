@@ -59,6 +59,13 @@ def test_jpeg_exif_orientation_is_applied(tmp_path, orientation):
     np.testing.assert_array_equal(read_image(path), DISPLAYED[orientation](stored))
 
 
+def test_unparsable_exif_leaves_the_pixels_as_stored(tmp_path):
+    rgb = _blocky(16, 24)
+    Image.fromarray(rgb).save(tmp_path / "odd.jpg", quality=95, exif=b"Exif\x00\x00not a TIFF header")
+    np.testing.assert_array_equal(read_image(tmp_path / "odd.jpg"),
+                                  np.asarray(Image.open(tmp_path / "odd.jpg").convert("RGB")))
+
+
 def test_labels_are_read_as_stored(tmp_path):
     label = np.arange(12, dtype=np.uint8).reshape(3, 4)
     Image.fromarray(label, mode="L").save(tmp_path / "label.png", exif=_exif(6))

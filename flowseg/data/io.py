@@ -40,10 +40,20 @@ def _open(path: Path, what: str) -> Image.Image:
         raise ValueError(f"cannot read {what} file {path}: {error}") from None
 
 
+def _displayed(picture: Image.Image) -> Image.Image:
+    """The picture in its EXIF orientation. EXIF that Pillow cannot parse (it raises SyntaxError,
+    struct.error, ... from deep inside its TIFF reader) carries no orientation to trust: then the
+    pixels are taken as stored, as viewers do."""
+    try:
+        return ImageOps.exif_transpose(picture)
+    except Exception:  # a failure to parse the metadata only: the pixels are decoded already
+        return picture
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB from any image file PIL reads (greyscale, palette and RGBA become RGB), in
     its displayed orientation and with 16-bit greyscale scaled to 8 bits."""
-    picture = ImageOps.exif_transpose(_open(Path(path), "image"))
+    picture = _displayed(_open(Path(path), "image"))
     if picture.mode in SIXTEEN_BIT_MODES:
         grey = np.rint(np.asarray(picture, dtype=np.float64) * (255 / 65535)).astype(np.uint8)  # (H, W)
         return np.repeat(grey[..., None], 3, axis=2)
