@@ -5,13 +5,15 @@ key and type against the dataclasses below:
 
     dataclass defaults  <-  flowseg/configs/<name>.yaml (or a user's YAML file)  <-  key=value overrides
 
-Unknown keys and values of the wrong type raise a ValueError naming the key and where it came from;
-range and choice checks live in each dataclass's __post_init__. The resolved config is written as YAML
+Unknown keys, values of the wrong type, text that is not YAML and non-finite numbers (nan, inf: no
+setting takes one) raise a ValueError naming the key and where it came from; range and choice checks
+live in each dataclass's __post_init__. The resolved config is written as YAML
 beside every run, checkpoint and evaluation result, and read back by eval/predict.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -199,25 +201,55 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
         raise ValueError(f"wrong type for {where} in {origin}: {reason}") from None
 
 
-def _read_yaml(path: Path) -> DictConfig:
+def _first_non_finite(node: Any, key: str = "") -> tuple[str, float] | None:
+    """(dotted key, value) of the first nan or inf number in a config container, or None."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return key, node
+    if isinstance(node, dict):
+        children = [(f"{key}.{name}" if key else str(name), value) for name, value in node.items()]
+    elif isinstance(node, (list, tuple)):
+        children = [(f"{key}[{index}]", value) for index, value in enumerate(node)]
+    else:
+        return None
+    for child_key, child in children:
+        found = _first_non_finite(child, child_key)
+        if found:
+            return found
+    return None
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    return getattr(error, "problem", None) or str(error).splitlines()[0]
+
+
+def _yaml_mapping(text: str, origin: str) -> DictConfig:
     try:
-        loaded = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ValueError(f"cannot read config file {path}: {error}") from None
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+        raise ValueError(f"{origin} is not valid YAML: {_yaml_error(error)}") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        raise ValueError(f"{origin} must hold a mapping of sections, got {type(loaded).__name__}")
     return OmegaConf.create(loaded)
 
 
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"cannot read config file {path}: {error}") from None
+    return _yaml_mapping(text, f"config file {path}")
+
+
 def _parse_override(text: str) -> DictConfig:
-    key, sep, _ = text.partition("=")
+    key, sep, value = text.partition("=")
     if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
         raise ValueError(f"override {text!r} is not of the form section.key=value (e.g. train.steps=100)")
-    return OmegaConf.from_dotlist([text])
+    try:
+        return OmegaConf.from_dotlist([text])
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {text!r}: the value {value!r} is not valid YAML ({_yaml_error(error)})") from None
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -238,6 +270,10 @@ def build_config(layers: Sequence[tuple[DictConfig, str]]) -> Config:
     merged = OmegaConf.structured(Config)
     for layer, origin in layers:
         merged = _merge(merged, layer, origin)
+        # checked after the merge, which turns a float setting's "nan" or "1e400" into a float
+        found = _first_non_finite(OmegaConf.to_container(merged))
+        if found:
+            raise ValueError(f"config key '{found[0]}' in {origin} is {found[1]}; settings must be finite numbers")
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
@@ -256,7 +292,7 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
 
 def config_from_yaml(text: str, overrides: Sequence[str] = (), origin: str = "saved config") -> Config:
     """Rebuild a config saved with to_yaml (e.g. from a checkpoint), then apply overrides."""
-    layers = [(OmegaConf.create(yaml.safe_load(text) or {}), origin)]
+    layers = [(_yaml_mapping(text, origin), origin)]
     layers += [(_parse_override(item), f"override {item!r}") for item in overrides]
     return build_config(layers)
 

@@ -4,11 +4,17 @@
                                                               OUT/<stem>_overlay.png     labels over the image
                                                               OUT/<stem>_confidence.png  max_k p_k
 Every picture is written at its input's resolution; the segmenting itself is flowseg.inference's.
+
+Nothing is lost: every output name is decided before anything is written and no two outputs share
+one; an output that is an input file (by path, symlink or hard link) is refused, always; a folder
+that already holds files is refused unless overwrite=True (`--overwrite`), so an earlier run's outputs
+are never replaced silently. Each file is written whole or not at all (visualize's atomic writes).
 """
 
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,15 +49,49 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     return found
 
 
+OUTPUT_SUFFIXES = ("", "_overlay", "_confidence")  # each input's files: <stem><suffix>.png
+
+
+def _output_names(stem: str) -> list[str]:
+    # casefolded: on macOS and Windows file systems X.png and x.png are one file
+    return [f"{stem}{suffix}.png".casefold() for suffix in OUTPUT_SUFFIXES]
+
+
 def output_stems(paths: Sequence[Path]) -> list[str]:
-    """File stems for the outputs; inputs that share a stem (a/x.png, b/x.jpg) get a numeric suffix."""
-    seen: dict[str, int] = {}
+    """A stem per input, such that no two inputs' output files share a name: the input's own stem if
+    none of its three names is taken yet, else the first free <stem>_1, <stem>_2, ..., in input order
+    (x.png and x_overlay.png -> x, x_overlay_1; a.png, a.jpg, a_1.png -> a, a_1, a_1_1)."""
+    taken: set[str] = set()
     stems = []
     for path in paths:
-        count = seen.get(path.stem, 0)
-        seen[path.stem] = count + 1
-        stems.append(path.stem if count == 0 else f"{path.stem}_{count}")
+        stem, count = path.stem, 0
+        while any(name in taken for name in _output_names(stem)):
+            count += 1
+            stem = f"{path.stem}_{count}"
+        taken.update(_output_names(stem))
+        stems.append(stem)
     return stems
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    status = os.stat(path)  # follows symlinks: a link to an input is that input
+    return status.st_dev, status.st_ino
+
+
+def check_outputs(inputs: Sequence[Path], outputs: Sequence[Path], out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output file that is one of the inputs (always) and an
+    output folder that already holds anything (unless overwrite)."""
+    input_ids = {_file_id(path): path for path in inputs}
+    for output in outputs:
+        if output.exists() and _file_id(output) in input_ids:
+            raise ValueError(f"output {output} would replace the input image {input_ids[_file_id(output)]}; "
+                             f"give another --out folder")
+    if not overwrite and out_dir.is_dir():
+        held = sorted(entry.name for entry in out_dir.iterdir())
+        if held:
+            raise ValueError(f"output folder {out_dir} is not empty (it holds {', '.join(held[:3])}"
+                             f"{', ...' if len(held) > 3 else ''}); give a new or empty folder, or pass "
+                             f"--overwrite to write into it, replacing files of the same names")
 
 
 @dataclass
@@ -64,20 +104,23 @@ class PredictedFile:
 
 
 def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | Path,
-                  overrides: Sequence[str] = ()) -> list[PredictedFile]:
+                  overrides: Sequence[str] = (), overwrite: bool = False) -> list[PredictedFile]:
     """Segment every input image with the checkpoint's model (`overrides` adjust its saved config);
-    write <stem>.png, <stem>_overlay.png and <stem>_confidence.png to out_dir. Every input is read
-    before the model is loaded and the folder made, so a bad input fails fast and leaves nothing."""
+    write <stem>.png, <stem>_overlay.png and <stem>_confidence.png to out_dir (stems: output_stems).
+    Every input is read and every output checked (check_outputs) before the model is loaded and the
+    folder made, so a bad input or output fails fast and leaves nothing."""
     paths = expand_inputs(inputs)
     images = [image_to_tensor(read_image(path)) for path in paths]  # each (3, H, W) in [-1, 1]
+    out_dir = Path(out_dir)
+    planned = [[out_dir / f"{stem}{suffix}.png" for suffix in OUTPUT_SUFFIXES] for stem in output_stems(paths)]
+    check_outputs(paths, [path for files in planned for path in files], out_dir, overwrite)
     segmenter, info = load_segmenter(checkpoint, overrides)
-    out_dir = ensure_writable_dir(out_dir)
+    ensure_writable_dir(out_dir)
     results = []
-    for path, stem, image in zip(paths, output_stems(paths), images):
+    for path, files, image in zip(paths, planned, images):
         prediction = segmenter.predict(image[None])
         labels, confidence = prediction.labels[0].cpu(), prediction.confidence[0].cpu()
-        written = PredictedFile(path, out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png",
-                                out_dir / f"{stem}_confidence.png", float(confidence.mean()))
+        written = PredictedFile(path, *files, float(confidence.mean()))
         save_label_png(labels, info.palette, written.labels)
         save_rgb_png(overlay(image, labels, info.palette), written.overlay)
         save_rgb_png(confidence_image(confidence, 1.0 / info.num_classes), written.confidence)

@@ -2,7 +2,8 @@
 curves.
 
 Everything is drawn off-screen (matplotlib's Agg canvas, no pyplot state) and every file is written
-atomically, so an interrupted run never leaves a truncated PNG behind.
+atomically, so an interrupted run or a full disk never leaves a truncated PNG behind; a failed write
+names its file.
 """
 
 from __future__ import annotations
@@ -69,14 +70,21 @@ def confidence_image(confidence: Tensor | np.ndarray, low: float = 0.0) -> np.nd
     return (colormaps["viridis"](np.clip(values, 0.0, 1.0))[..., :3] * 255).round().astype(np.uint8)
 
 
-def _png_bytes(picture: Image.Image) -> bytes:
+def _write(path: str | Path, data: bytes) -> None:
+    try:
+        write_atomically(path, data)
+    except OSError as error:  # e.g. ENOSPC, whose own message names no file
+        raise OSError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def _write_png(path: str | Path, picture: Image.Image) -> None:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
-    return buffer.getvalue()
+    _write(path, buffer.getvalue())
 
 
 def save_rgb_png(rgb: np.ndarray, path: str | Path) -> None:
-    write_atomically(path, _png_bytes(Image.fromarray(np.asarray(rgb, dtype=np.uint8), mode="RGB")))
+    _write_png(path, Image.fromarray(np.asarray(rgb, dtype=np.uint8), mode="RGB"))
 
 
 def save_label_png(labels: Tensor | np.ndarray, palette: np.ndarray, path: str | Path) -> None:
@@ -88,14 +96,14 @@ def save_label_png(labels: Tensor | np.ndarray, palette: np.ndarray, path: str |
     table[IGNORE_INDEX] = IGNORE_COLOUR
     picture = Image.fromarray(labels.astype(np.uint8), mode="P")
     picture.putpalette(table.flatten().tolist())
-    write_atomically(path, _png_bytes(picture))
+    _write_png(path, picture)
 
 
 def save_figure(figure: Figure, path: str | Path) -> None:
     """A matplotlib figure as a PNG, written atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    write_atomically(path, buffer.getvalue())
+    _write(path, buffer.getvalue())
 
 
 LOSS_TERMS = {"loss": "total", "loss_fm": "flow matching ||v - v*||^2", "loss_ce": "cross-entropy",

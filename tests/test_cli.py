@@ -49,6 +49,40 @@ def folder_run(root, out, workers=0):
 def test_split_overrides():
     assert split_overrides(["a.png", "eval.steps=3", "dir/", "x=1", "data.options.k=v"]) == \
         (["a.png", "dir/", "x=1"], ["eval.steps=3", "data.options.k=v"])
+    assert split_overrides(["--out", "runs/lr=1", "shots/a.b=1.png", "./c.d=1.png"]) == \
+        (["--out", "runs/lr=1", "shots/a.b=1.png", "./c.d=1.png"], [])  # paths holding '=' are no overrides
+    assert split_overrides(["eval.steps=3", "--", "a.b=1.png"]) == (["--", "a.b=1.png"], ["eval.steps=3"])
+
+
+def test_overrides_stand_anywhere_on_the_line(run_dir, tmp_path, capsys, monkeypatch):
+    code, _, _ = run_cli(capsys, "eval", run_dir, "--out", tmp_path / "e", "eval.max_samples=2", "eval.sweep=[1,2]")
+    assert code == 0
+    assert [r["steps"] for r in json.loads((tmp_path / "e" / "result.json").read_text())["results"]] == [1, 2]
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.png", "b.png", "shot.v2=x.png"):
+        Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(name)
+    # inputs around an override stay one list; a file named like an override goes after --
+    code, out, _ = run_cli(capsys, "predict", run_dir, "--out", "p", "a.png", "eval.steps=0", "b.png")
+    assert code == EXIT_USAGE  # the override reached the config: eval.steps must be > 0
+    code, out, _ = run_cli(capsys, "predict", run_dir, "--out", "p", "a.png", "eval.steps=2", "b.png", "--",
+                           "shot.v2=x.png")
+    assert code == 0 and sorted(p.name for p in (tmp_path / "p").glob("*_overlay.png")) == \
+        ["a_overlay.png", "b_overlay.png", "shot.v2=x_overlay.png"]
+
+
+def test_predict_refuses_to_replace_inputs_and_earlier_outputs(run_dir, tmp_path, capsys):
+    same = tmp_path / "same"
+    same.mkdir()
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(same / "x.png")
+    original = (same / "x.png").read_bytes()
+    for flags in ([], ["--overwrite"]):
+        code, _, err = run_cli(capsys, "predict", run_dir, same, "--out", same, *flags)
+        assert code == EXIT_USAGE and "would replace the input image" in err and err.count("\n") == 1
+    assert (same / "x.png").read_bytes() == original and [p.name for p in same.iterdir()] == ["x.png"]
+    assert run_cli(capsys, "predict", run_dir, same, "--out", tmp_path / "p")[0] == 0
+    code, _, err = run_cli(capsys, "predict", run_dir, same, "--out", tmp_path / "p")
+    assert code == EXIT_USAGE and "is not empty" in err and "--overwrite" in err
+    assert run_cli(capsys, "predict", run_dir, same, "--out", tmp_path / "p", "--overwrite")[0] == 0
 
 
 def test_train_eval_predict_round_trip(run_dir, tmp_path, capsys):
@@ -88,14 +122,19 @@ def test_demo_writes_every_promised_file_and_refuses_a_used_folder(tmp_path, cap
 def test_resume_continues_an_existing_run(run_dir, capsys):
     code, _, err = run_cli(capsys, "train", *SHAPES, f"train.out_dir={run_dir}")
     assert code == EXIT_USAGE and "pass --resume" in err
-    code, _, _ = run_cli(capsys, "train", *SHAPES, "train.steps=3", f"train.out_dir={run_dir}", "--resume")
+    code, _, _ = run_cli(capsys, "train", *SHAPES, f"train.out_dir={run_dir}", "--resume", "train.steps=3")
     assert code == 0 and list_checkpoints(run_dir)[-1].name == "step_00000003"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "shapes", "train.stepz=3"], "unknown config key 'train.stepz'"),
     (["train", "shapes", "train.steps=lots"], "wrong type for config key 'train.steps'"),
-    (["train", "shapes", "notes.txt"], "expected section.key=value overrides"),
+    (["train", "shapes", "--resume", "eval.sweep=[1,2"],
+     "override 'eval.sweep=[1,2': the value '[1,2' is not valid YAML"),
+    (["train", "shapes", "optim.lr=.nan"], "config key 'optim.lr' in override 'optim.lr=.nan' is nan"),
+    (["train", "shapes", "notes.txt"], "unrecognised arguments ['notes.txt']: not an argument or option of "
+                                       "`flowseg train`, nor a section.key=value override"),
+    (["train", "shapes", "--resume", "--stepz", "3"], "unrecognised arguments ['--stepz', '3']"),
     (["train", "no-such-config"], "unknown config 'no-such-config'"),
     (["eval", "/nonexistent/run"], "checkpoint /nonexistent/run does not exist"),
     (["train", "voc"], "dataset 'voc' is read from disk: give root="),

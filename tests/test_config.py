@@ -1,5 +1,7 @@
 """Config layering (defaults <- YAML <- overrides), error messages, and the YAML round trip."""
 
+import re
+
 import pytest
 
 from flowseg.config import (
@@ -135,3 +137,36 @@ def test_yaml_round_trip_preserves_every_value():
     again = config_from_yaml(to_yaml(config))
     assert again == config
     assert config_from_yaml(to_yaml(config), ["eval.steps=3"]).eval.steps == 3
+
+
+@pytest.mark.parametrize("override, value", [("eval.sweep=[1,2", "'[1,2'"), ("data.options.k={a: 1", "'{a: 1'"),
+                                             ("train.out_dir='runs", "\"'runs\"")])
+def test_override_values_that_are_not_yaml_name_the_override(override, value):
+    with pytest.raises(ValueError, match=rf"override .*: the value {re.escape(value)} is not valid YAML \(.+\)"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("optim.lr=.nan", "optim.lr", "nan"), ("optim.lr=.inf", "optim.lr", "inf"), ("optim.lr=nan", "optim.lr", "nan"),
+    ("optim.lr=1e400", "optim.lr", "inf"), ("objective.tau=.inf", "objective.tau", "inf"),
+    ("objective.lam=.nan", "objective.lam", "nan"), ("train.minutes=.inf", "train.minutes", "inf"),
+    ("data.augment.scale_range=[0.5,.inf]", r"data.augment.scale_range\[1\]", "inf"),
+    ("data.options.weights=[1, .nan]", r"data.options.weights\[1\]", "nan"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, key, value):
+    with pytest.raises(ValueError, match=rf"config key '{key}' in override '.*' is {value}; settings must be finite"):
+        load_config(None, [override])
+
+
+def test_bad_yaml_and_non_finite_numbers_in_files_and_saved_configs(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: .nan\n")
+    with pytest.raises(ValueError, match=r"config key 'optim.lr' in config file .*run.yaml is nan"):
+        load_config(path)
+    saved = to_yaml(load_config(None))
+    with pytest.raises(ValueError, match=r"config key 'objective.tau' in saved config is inf"):
+        config_from_yaml(saved.replace("tau: 0.5", "tau: .inf"))
+    with pytest.raises(ValueError, match="config of checkpoint c is not valid YAML"):
+        config_from_yaml(saved[:-5] + "\n  [unclosed", origin="config of checkpoint c")
+    with pytest.raises(ValueError, match="config of checkpoint c must hold a mapping of sections, got list"):
+        config_from_yaml("- 1\n", origin="config of checkpoint c")

@@ -1,6 +1,8 @@
 """Prediction on files and the pictures it writes: inputs, outputs, bad input, visualisation closed forms."""
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,8 @@ from PIL import Image
 
 import imgviz
 from flowseg.checkpoint import read_checkpoint
-from flowseg.predict import expand_inputs, output_stems, predict_files
+from flowseg.cli import EXIT_USAGE, main
+from flowseg.predict import OUTPUT_SUFFIXES, expand_inputs, output_stems, predict_files
 from flowseg.visualize import (
     IGNORE_COLOUR, colorize, confidence_image, loss_series, overlay, plot_prediction_sheet, plot_training_curves,
     save_label_png,
@@ -93,6 +96,87 @@ def test_input_expansion_errors(tmp_path):
 def test_output_stems_stay_unique():
     assert output_stems([Path("a/x.png"), Path("b/x.jpg"), Path("y.png"), Path("c/x.png")]) == \
         ["x", "x_1", "y", "x_2"]
+
+
+@pytest.mark.parametrize("names, stems", [
+    (["x.png", "x_overlay.png"], ["x", "x_overlay_1"]),
+    (["x_overlay.png", "x.png"], ["x_overlay", "x_1"]),
+    (["x.png", "x_confidence.jpg", "x_overlay.png"], ["x", "x_confidence_1", "x_overlay_1"]),
+    (["a.png", "a.jpg", "a_1.png"], ["a", "a_1", "a_1_1"]),
+    (["a_1.png", "a.png", "a.jpg"], ["a_1", "a", "a_2"]),
+    (["A.png", "a.jpg"], ["A", "a_1"]),  # one file on case-insensitive file systems
+])
+def test_output_names_never_collide(names, stems):
+    assert output_stems([Path(name) for name in names]) == stems
+    files = [f"{stem}{suffix}.png".casefold() for stem in stems for suffix in OUTPUT_SUFFIXES]
+    assert len(set(files)) == len(files)
+
+
+def test_colliding_inputs_each_get_their_own_outputs(checkpoint, tmp_path):
+    names = ["x.png", "x_overlay.png", "a.png", "a.jpg", "a_1.png"]
+    sizes = {name: (12 + 2 * index, 16) for index, name in enumerate(names)}  # (H, W): a size per input
+    (tmp_path / "in").mkdir()
+    for name in names:
+        _write_image(tmp_path / "in" / name, sizes[name])
+    written = predict_files(checkpoint, [str(tmp_path / "in" / name) for name in names], tmp_path / "out")
+    outputs = [path for item in written for path in (item.labels, item.overlay, item.confidence)]
+    assert len(set(outputs)) == 15 and sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        sorted(p.name for p in outputs)
+    for item in written:  # each file still holds its own input's picture
+        height, width = sizes[item.source.name]
+        for path in (item.labels, item.overlay, item.confidence):
+            assert Image.open(path).size == (width, height)
+
+
+def test_an_input_is_never_replaced(checkpoint, tmp_path):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    _write_image(folder / "x.png", (16, 16))
+    original = (folder / "x.png").read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"output .*same/x.png would replace the input image .*same/x.png"):
+            predict_files(checkpoint, [str(folder)], folder, overwrite=overwrite)
+    # through a symlinked output folder, and a hard link to the input in the output folder
+    (tmp_path / "alias").symlink_to(folder, target_is_directory=True)
+    with pytest.raises(ValueError, match="would replace the input image"):
+        predict_files(checkpoint, [str(folder / "x.png")], tmp_path / "alias", overwrite=True)
+    (tmp_path / "out").mkdir()
+    os.link(folder / "x.png", tmp_path / "out" / "x_confidence.png")
+    with pytest.raises(ValueError, match=r"output .*out/x_confidence.png would replace the input image"):
+        predict_files(checkpoint, [str(folder / "x.png")], tmp_path / "out", overwrite=True)
+    assert (folder / "x.png").read_bytes() == original and sorted(os.listdir(folder)) == ["x.png"]
+
+
+def test_a_used_output_folder_is_refused_unless_overwrite(checkpoint, tmp_path):
+    image = _write_image(tmp_path / "x.png", (16, 16))
+    first = predict_files(checkpoint, [str(image)], tmp_path / "out")
+    earlier = {path: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match=r"output folder .*out is not empty \(it holds x.png, x_confidence.png, "
+                                         r"x_overlay.png\); .* pass --overwrite"):
+        predict_files(checkpoint, [str(image)], tmp_path / "out")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"output folder .*other is not empty \(it holds notes.txt\)"):
+        predict_files(checkpoint, [str(image)], tmp_path / "other")
+    assert {path: path.read_bytes() for path in (tmp_path / "out").iterdir()} == earlier
+    again = predict_files(checkpoint, [str(image)], tmp_path / "out", overwrite=True)
+    assert [item.labels for item in again] == [item.labels for item in first]
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_partial_file(checkpoint, tmp_path, monkeypatch, capsys):
+    image = _write_image(tmp_path / "x.png", (16, 16))
+
+    def disk_full(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # the atomic write's flush to disk
+    with pytest.raises(OSError, match=r"cannot write .*out/x.png: No space left on device"):
+        predict_files(checkpoint, [str(image)], tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []  # no truncated PNG, no temporary file
+    code = main(["predict", str(checkpoint), str(image), "--out", str(tmp_path / "out2")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and err.count("\n") == 1
+    assert f"cannot write {tmp_path / 'out2' / 'x.png'}: No space left on device" in err
 
 
 # ---- pictures ----------------------------------------------------------------------------------
