@@ -21,11 +21,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from flowseg.build import load_segmenter, load_split
-from flowseg.checkpoint import ensure_writable_dir, write_atomically
+from flowseg.checkpoint import CHECKPOINTS_DIR, ensure_writable_dir, write_atomically
 from flowseg.config import to_yaml
 from flowseg.distributed import DistContext, shard_indices
 from flowseg.inference import Segmenter
 from flowseg.metrics import ConfusionMatrix, SegmentationMetrics
+
+EVAL_DIR = "eval"  # RUN/eval/ holds the results of `flowseg eval` by default
 
 
 @dataclass
@@ -113,17 +115,24 @@ class EvalReport:
     table_path: Path
 
 
+def default_out_dir(checkpoint: Path, split: str) -> Path:
+    """RUN/eval/<checkpoint>-<split>: beside the checkpoints, not inside one, so that a resumed run
+    pruning the checkpoint leaves its results (a checkpoint outside a run: beside the checkpoint)."""
+    run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint.parent
+    return run / EVAL_DIR / f"{checkpoint.name}-{split}"
+
+
 def evaluate_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (),
                         out_dir: str | Path | None = None, progress: bool = True) -> EvalReport:
     """Evaluate a checkpoint on config split eval.split; write result.json, result.txt and the
-    config used to out_dir (default: <checkpoint>/eval-<split>)."""
+    config used to out_dir (default: default_out_dir)."""
     segmenter, info = load_segmenter(checkpoint, overrides)
     config = segmenter.config
     dataset = load_split(config, config.eval.split)
     if dataset.num_classes != info.num_classes:
         raise ValueError(f"checkpoint {info.path} was trained on {info.num_classes} classes but dataset "
                          f"{config.data.name!r} has {dataset.num_classes}")
-    out_dir = ensure_writable_dir(out_dir or info.path / f"eval-{config.eval.split}")
+    out_dir = ensure_writable_dir(out_dir or default_out_dir(info.path, config.eval.split))
     evaluated = min(len(dataset), config.eval.max_samples or len(dataset))
     results = evaluate_dataset(segmenter, dataset, info.num_classes, config.eval.step_counts,
                                config.eval.max_samples, progress=progress)
