@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="benchmark a checkpoint (mIoU, per-class IoU)")
     evaluate.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
     evaluate.add_argument("overrides", nargs="*", help="e.g. eval.split=val eval.sweep=[1,2,5,10] eval.inference=slide")
-    evaluate.add_argument("--out", help="result folder (default: RUN/eval/<checkpoint>-<split>)")
+    evaluate.add_argument("--out", help="result folder (default: a new RUN/eval/<checkpoint>-<split>[-n])")
     evaluate.set_defaults(handler=_eval)
 
     predict = commands.add_parser("predict", help="segment image files, folders or glob patterns")

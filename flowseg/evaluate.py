@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 from typing import Sequence
 
@@ -122,17 +123,30 @@ def default_out_dir(checkpoint: Path, split: str) -> Path:
     return run / EVAL_DIR / f"{checkpoint.name}-{split}"
 
 
+def new_folder(path: Path) -> Path:
+    """Create and return `path`, or path-2, path-3, ... where it exists: an evaluation never
+    overwrites an earlier one's results, and mkdir's atomicity keeps two at once apart."""
+    for number in count(1):
+        folder = path if number == 1 else path.with_name(f"{path.name}-{number}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 def evaluate_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (),
                         out_dir: str | Path | None = None, progress: bool = True) -> EvalReport:
     """Evaluate a checkpoint on config split eval.split; write result.json, result.txt and the
-    config used to out_dir (default: default_out_dir)."""
+    config used to out_dir (default: a new folder RUN/eval/<checkpoint>-<split>[-n], see new_folder)."""
     segmenter, info = load_segmenter(checkpoint, overrides)
     config = segmenter.config
     dataset = load_split(config, config.eval.split)
     if dataset.num_classes != info.num_classes:
         raise ValueError(f"checkpoint {info.path} was trained on {info.num_classes} classes but dataset "
                          f"{config.data.name!r} has {dataset.num_classes}")
-    out_dir = ensure_writable_dir(out_dir or default_out_dir(info.path, config.eval.split))
+    default = None if out_dir else default_out_dir(info.path, config.eval.split)
+    ensure_writable_dir(out_dir or default.parent)  # before any work is done
     evaluated = min(len(dataset), config.eval.max_samples or len(dataset))
     results = evaluate_dataset(segmenter, dataset, info.num_classes, config.eval.step_counts,
                                config.eval.max_samples, progress=progress)
@@ -145,6 +159,7 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (),
               "sampler": sampler, "class_names": info.class_names,
               "results": [{"steps": r.steps, "seconds_per_image": r.seconds_per_image,
                            **metrics_record(r.metrics, info.class_names)} for r in results]}
+    out_dir = Path(out_dir) if out_dir else new_folder(default)
     json_path, table_path = out_dir / "result.json", out_dir / "result.txt"
     write_atomically(out_dir / "config.yaml", to_yaml(config))
     write_atomically(json_path, json.dumps(record, indent=1))

@@ -514,7 +514,10 @@ def train(config: Config, resume: bool = False, context: DistContext | None = No
           datasets: tuple[SegmentationDataset, SegmentationDataset] | None = None) -> TrainResult:
     """Train as `config` says, in the process group torchrun set up (or one process).
 
-    network / datasets replace the ones the config describes (model + encoding; train and val split).
+    Rank 0 holds train.out_dir's lock for the whole run (flowseg.runlock): a second run into the folder
+    is refused. resume=True continues the folder's newest checkpoint, whose config this one must match
+    but for RESUME_MAY_CHANGE and larger budgets. network / datasets replace the ones the config
+    describes (model + encoding; train and val split).
     """
     owns_group = context is None
     context = context or setup(config.train.device)

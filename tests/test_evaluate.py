@@ -106,8 +106,9 @@ def test_evaluating_on_a_dataset_with_another_class_count_is_refused(checkpoint,
 
 
 def test_default_results_live_beside_the_checkpoints_and_survive_their_pruning(tmp_path):
-    """eval's default folder is RUN/eval/<checkpoint>-<split>, so a resumed run that prunes the evaluated
-    checkpoint keeps its results; pruning touches nothing but step_* checkpoint folders."""
+    """eval's default folder is a new RUN/eval/<checkpoint>-<split>[-n], so a second evaluation keeps the
+    first's results and a resumed run that prunes the evaluated checkpoint keeps both; pruning touches
+    nothing but step_* checkpoint folders."""
     run = tmp_path / "run"
     settings = ["data.image_size=16", "data.options.length=8", "train.batch_size=4", "train.val_every=0",
                 "train.val_samples=2", "train.progress=false", "train.device=cpu", "train.ckpt_every=2",
@@ -115,11 +116,13 @@ def test_default_results_live_beside_the_checkpoints_and_survive_their_pruning(t
     first = train(load_config("shapes", [*settings, "train.steps=2"]))
     report = evaluate_checkpoint(run, ["eval.max_samples=1", "eval.steps=1"], progress=False)
     assert report.json_path == run / "eval" / "step_00000002-test" / "result.json"
+    again = evaluate_checkpoint(run, ["eval.max_samples=2", "eval.steps=1"], progress=False)
+    assert again.json_path == run / "eval" / "step_00000002-test-2" / "result.json"  # the first is kept
     (run / "checkpoints" / "notes.txt").write_text("mine")
     (run / "checkpoints" / "step_best").mkdir()
     train(load_config("shapes", [*settings, "train.steps=4"]), resume=True)
     assert not first.checkpoint.exists()  # pruned
-    assert json.loads(report.json_path.read_text())["step"] == 2
+    assert [json.loads(r.json_path.read_text())["images"] for r in (report, again)] == [1, 2]
     assert (run / "checkpoints" / "notes.txt").read_text() == "mine" and (run / "checkpoints" / "step_best").is_dir()
 
 

@@ -2,6 +2,8 @@
 
 import json
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -18,7 +20,8 @@ from flowseg.encoding import random_centroids
 from flowseg.models.field import ConvStem, FieldOutput
 from flowseg.models.pixnerd import pixnerd_key_map
 from flowseg.train import (
-    COSINE_FLOOR, ExponentialMovingAverage, KeyedSamples, StepBatches, TrainingDiverged, learning_rate, train,
+    COSINE_FLOOR, ExponentialMovingAverage, KeyedSamples, MetricsLog, StepBatches, TrainingDiverged, learning_rate,
+    train,
 )
 
 TINY = ["data.name=shapes", "data.image_size=16", "data.augment=null", "data.options.length=12",
@@ -313,6 +316,15 @@ def test_a_fresh_run_drops_the_metrics_a_run_killed_before_its_first_checkpoint_
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("val", 2)]
     assert records[0]["loss"] != 9.0
+
+
+def test_tensorboard_hides_what_a_killed_run_logged_after_the_checkpoint_resumed(tmp_path, monkeypatch):
+    opened = []
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = lambda log_dir, **kwargs: opened.append((log_dir, kwargs))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    MetricsLog(tmp_path, enabled=True, tensorboard=True, start_step=3)
+    assert opened == [(str(tmp_path / "tensorboard"), {"purge_step": 4})]  # events of steps >= 4 are hidden
 
 
 def test_resume_of_a_missing_or_checkpointless_run_folder_is_refused(tmp_path, capsys):
