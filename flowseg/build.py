@@ -3,6 +3,7 @@ trained model read back from a checkpoint folder (its saved config, weights and 
 
     build_network(config, N)      -> (model, encoding mu_1..mu_N; None for the discriminative twin)
     load_split(config, split)     -> the dataset split the config names
+    trained_encoding(info, cfg)   -> the encoding a checkpoint was trained with (its stored mu_k)
     load_trained(checkpoint)      -> TrainedModel: the network with its EMA (or raw) weights
     load_segmenter(checkpoint)    -> a Segmenter on eval.device, ready for eval and predict
 """
@@ -15,7 +16,9 @@ from typing import Sequence
 
 from torch import nn
 
-from flowseg.checkpoint import CheckpointInfo, fit_state_dict, load_weights, read_checkpoint
+from flowseg.checkpoint import (
+    ENCODING_FILE, CheckpointInfo, fit_state_dict, load_centroids, load_weights, read_checkpoint,
+)
 from flowseg.config import Config, config_from_yaml
 from flowseg.data import GENERATED, SegmentationDataset, build_dataset
 from flowseg.distributed import resolve_device
@@ -32,7 +35,7 @@ def build_network(config: Config, num_classes: int) -> tuple[nn.Module, Category
     if config.model.kind == "discriminative":
         return build_model("discriminative", config.model.size, num_classes=num_classes,
                            token_classes=token_classes, stem=config.model.stem), None
-    # random centroids mu_k are drawn from train.seed, so a checkpoint's saved config rebuilds the same ones
+    # random centroids mu_k are drawn from train.seed; a checkpoint stores the ones it was trained with
     encoding = build_encoding(config.model.encoding, num_classes, config.model.dim, seed=config.train.seed)
     model = build_model("flow", config.model.size, dim=encoding.dim,
                         image_conditioning=config.model.image_conditioning, token_classes=token_classes,
@@ -65,20 +68,41 @@ class TrainedModel:
     info: CheckpointInfo                 # step, class names, palette
 
 
+def trained_encoding(info: CheckpointInfo, saved: Config) -> CategoryEncoding | None:
+    """The encoding checkpoint `info` was trained with, `saved` its own config: the centroids mu_k it
+    stores (a checkpoint saved before they were stored: derived from its config). None for the twin."""
+    if saved.model.kind == "discriminative":
+        return None
+    derived = build_encoding(saved.model.encoding, info.num_classes, saved.model.dim, seed=saved.train.seed)
+    stored = load_centroids(info.path)
+    if stored is None:
+        return derived
+    if stored.shape != derived.centroids.shape:
+        raise ValueError(f"the encoding {info.path / ENCODING_FILE} holds centroids of shape {tuple(stored.shape)}, "
+                         f"but the checkpoint's {info.num_classes} classes in model.dim "
+                         f"{derived.dim} need {tuple(derived.centroids.shape)}")
+    return CategoryEncoding(saved.model.encoding, stored)
+
+
 def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> TrainedModel:
     """The network of a checkpoint (a checkpoint folder, or a run folder: its newest checkpoint) with
-    the EMA weights, or the raw ones when eval.use_ema is false; `overrides` adjust the saved config
-    (eval.*, data.*, ...)."""
+    the EMA weights, or the raw ones when eval.use_ema is false, and the encoding it was trained with;
+    `overrides` adjust the saved config (eval.*, data.*, ...) but not model.*, which the weights fix."""
     info = read_checkpoint(checkpoint)
     origin = f"config of checkpoint {info.path}"
     saved = config_from_yaml(info.config_yaml, origin=origin)
     config = config_from_yaml(info.config_yaml, overrides, origin=origin)
-    model, encoding = build_network(config, info.num_classes)
-    weights = load_weights(info.path, "ema" if config.eval.use_ema else "model")
-    # the message names the saved model, not the overridden one: that is what the weights were made for
-    fit_state_dict(model, weights, f"checkpoint {info.path} (model.kind={saved.model.kind}, "
-                   f"model.size={saved.model.size}, {info.num_classes} classes)")
-    return TrainedModel(model.eval(), encoding, config, info)
+    # messages name the saved model, not the overridden one: that is what the weights were made for
+    source = (f"checkpoint {info.path} (model.kind={saved.model.kind}, model.size={saved.model.size}, "
+              f"{info.num_classes} classes)")
+    before, now = vars(saved.model), vars(config.model)
+    changed = [f"model.{key}: {before[key]!r} -> {now[key]!r}" for key in before if before[key] != now[key]]
+    if changed:
+        raise ValueError(f"{source} does not fit this model ({'; '.join(changed)}): the model.* settings of a "
+                         "trained network cannot be overridden")
+    model, _ = build_network(saved, info.num_classes)
+    fit_state_dict(model, load_weights(info.path, "ema" if config.eval.use_ema else "model"), source)
+    return TrainedModel(model.eval(), trained_encoding(info, saved), config, info)
 
 
 def load_segmenter(checkpoint: str | Path, overrides: Sequence[str] = ()) -> tuple[Segmenter, CheckpointInfo]:

@@ -3,6 +3,7 @@
     RUN/checkpoints/step_00001000/
         model.safetensors   raw weights
         ema.safetensors     EMA weights (what eval/predict use)
+        encoding.safetensors  a flow model's centroids mu_k (N, d), so eval never re-derives them
         train_state.pt      optimizer, step, elapsed time, RNG states (only --resume reads it)
         config.yaml         the resolved run config
         meta.json           step, class names and palette
@@ -33,6 +34,7 @@ EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
+ENCODING_FILE = "encoding.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
 _PREFIX = "step_"
 
@@ -67,8 +69,8 @@ def _tensors_for_saving(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, Tensor],
                     ema_state: dict[str, Tensor], train_state: dict, config_yaml: str,
-                    class_names: list[str], palette: np.ndarray) -> Path:
-    """Write RUN/checkpoints/step_<step>/ atomically and return its path."""
+                    class_names: list[str], palette: np.ndarray, centroids: Tensor | None = None) -> Path:
+    """Write RUN/checkpoints/step_<step>/ atomically and return its path; centroids: a flow model's mu_k."""
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / step_dir_name(step)
@@ -83,12 +85,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, Tenso
         save_file(_tensors_for_saving(model_state), temporary / MODEL_FILE, metadata=metadata)
         save_file(_tensors_for_saving(ema_state), temporary / EMA_FILE, metadata=metadata)
         torch.save(train_state, temporary / STATE_FILE)
+        if centroids is not None:
+            save_file({"centroids": centroids.detach().to("cpu", torch.float32).contiguous()},
+                      temporary / ENCODING_FILE)
         (temporary / CONFIG_FILE).write_text(config_yaml)
         meta = {"format": FORMAT_VERSION, "step": step, "class_names": list(class_names),
                 "palette": np.asarray(palette, dtype=np.uint8).tolist()}
         (temporary / META_FILE).write_text(json.dumps(meta, indent=1))
-        for name in (MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, META_FILE):
-            _fsync_file(temporary / name)
+        for file in temporary.iterdir():
+            _fsync_file(file)
         os.replace(temporary, final)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -159,6 +164,21 @@ def load_weights(path: str | Path, which: str = "ema") -> dict[str, Tensor]:
         return load_file(file, device="cpu")
     except (OSError, SafetensorError) as error:
         raise ValueError(f"cannot read weights {file}: {error}") from None
+
+
+def load_centroids(path: str | Path) -> Tensor | None:
+    """The centroids mu_k (N, d) a checkpoint was trained with; None for the twin (and for checkpoints
+    saved before they were stored)."""
+    file = resolve_checkpoint(path) / ENCODING_FILE
+    if not file.exists():
+        return None
+    try:
+        tensors = load_file(file, device="cpu")
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"cannot read the encoding {file}: {error}") from None
+    if "centroids" not in tensors:
+        raise ValueError(f"encoding {file} holds no 'centroids' tensor")
+    return tensors["centroids"]
 
 
 def load_train_state(path: str | Path) -> dict:

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("eval", "CHECKPOINT [--out DIR]", "benchmark a checkpoint (mIoU, per-class IoU)")
     evaluate.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
-    evaluate.add_argument("--out", help="result folder (default: <checkpoint>/eval-<split>)")
+    evaluate.add_argument("--out", help="result folder (default: a new RUN/eval/<checkpoint>-<split>[-n])")
     evaluate.set_defaults(handler=_eval)
 
     predict = command("predict", "CHECKPOINT INPUT... --out DIR [--overwrite]",

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 from typing import Sequence
 
@@ -21,11 +22,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from flowseg.build import load_segmenter, load_split
-from flowseg.checkpoint import ensure_writable_dir, write_atomically
+from flowseg.checkpoint import CHECKPOINTS_DIR, ensure_writable_dir, write_atomically
 from flowseg.config import to_yaml
 from flowseg.distributed import DistContext, shard_indices
 from flowseg.inference import Segmenter
 from flowseg.metrics import ConfusionMatrix, SegmentationMetrics
+
+EVAL_DIR = "eval"  # RUN/eval/ holds the results of `flowseg eval` by default
 
 
 @dataclass
@@ -113,17 +116,37 @@ class EvalReport:
     table_path: Path
 
 
+def default_out_dir(checkpoint: Path, split: str) -> Path:
+    """RUN/eval/<checkpoint>-<split>: beside the checkpoints, not inside one, so that a resumed run
+    pruning the checkpoint leaves its results (a checkpoint outside a run: beside the checkpoint)."""
+    run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint.parent
+    return run / EVAL_DIR / f"{checkpoint.name}-{split}"
+
+
+def new_folder(path: Path) -> Path:
+    """Create and return `path`, or path-2, path-3, ... where it exists: an evaluation never
+    overwrites an earlier one's results, and mkdir's atomicity keeps two at once apart."""
+    for number in count(1):
+        folder = path if number == 1 else path.with_name(f"{path.name}-{number}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 def evaluate_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (),
                         out_dir: str | Path | None = None, progress: bool = True) -> EvalReport:
     """Evaluate a checkpoint on config split eval.split; write result.json, result.txt and the
-    config used to out_dir (default: <checkpoint>/eval-<split>)."""
+    config used to out_dir (default: a new folder RUN/eval/<checkpoint>-<split>[-n], see new_folder)."""
     segmenter, info = load_segmenter(checkpoint, overrides)
     config = segmenter.config
     dataset = load_split(config, config.eval.split)
     if dataset.num_classes != info.num_classes:
         raise ValueError(f"checkpoint {info.path} was trained on {info.num_classes} classes but dataset "
                          f"{config.data.name!r} has {dataset.num_classes}")
-    out_dir = ensure_writable_dir(out_dir or info.path / f"eval-{config.eval.split}")
+    default = None if out_dir else default_out_dir(info.path, config.eval.split)
+    ensure_writable_dir(out_dir or default.parent)  # before any work is done
     evaluated = min(len(dataset), config.eval.max_samples or len(dataset))
     results = evaluate_dataset(segmenter, dataset, info.num_classes, config.eval.step_counts,
                                config.eval.max_samples, progress=progress)
@@ -136,6 +159,7 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (),
               "sampler": sampler, "class_names": info.class_names,
               "results": [{"steps": r.steps, "seconds_per_image": r.seconds_per_image,
                            **metrics_record(r.metrics, info.class_names)} for r in results]}
+    out_dir = Path(out_dir) if out_dir else new_folder(default)
     json_path, table_path = out_dir / "result.json", out_dir / "result.txt"
     write_atomically(out_dir / "config.yaml", to_yaml(config))
     write_atomically(json_path, json.dumps(record, indent=1))

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import count
 from pathlib import Path
 from typing import Iterator
@@ -41,10 +41,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from flowseg.build import build_network, load_split
+from flowseg.build import build_network, load_split, trained_encoding
 from flowseg.checkpoint import (
-    CHECKPOINTS_DIR, ensure_writable_dir, fit_state_dict, latest_checkpoint, load_train_state, load_weights,
-    prune_checkpoints, read_checkpoint, save_checkpoint, step_dir_name, write_atomically,
+    CHECKPOINTS_DIR, CONFIG_FILE, ensure_writable_dir, fit_state_dict, latest_checkpoint, load_train_state,
+    load_weights, prune_checkpoints, read_checkpoint, save_checkpoint, step_dir_name, write_atomically,
 )
 from flowseg.config import Config, OptimConfig, config_from_yaml, to_yaml
 from flowseg.data import SegmentationDataset
@@ -56,12 +56,21 @@ from flowseg.losses import discriminative_loss, token_classification_loss
 from flowseg.metrics import SegmentationMetrics
 from flowseg.models.pixnerd import load_pixnerd_checkpoint
 from flowseg.objective import FlowMatchingObjective, LossOutput
+from flowseg.runlock import RunLock
 
 log = logging.getLogger("flowseg.train")
 
 TRAIN_SPLIT, VAL_SPLIT = "train", "val"
 COSINE_FLOOR = 0.05        # the cosine schedule ends at this fraction of optim.lr
 ADAM_BETAS = (0.9, 0.99)   # AdamW's decay rates of its gradient moments
+# The settings a resumed run may change: where it runs, how fast, and how often it reports and saves;
+# never what a step computes or what a logged figure means. (train.steps and train.minutes may grow.)
+# train.out_dir: the run folder may have been moved; eval.device: only eval and predict read it.
+RESUME_MAY_CHANGE = frozenset({
+    "train.out_dir", "train.device", "train.threads", "data.num_workers", "eval.device",
+    "train.progress", "train.log_every", "train.tensorboard", "train.val_every", "train.ckpt_every",
+    "train.keep_checkpoints",
+})
 
 
 class TrainingDiverged(RuntimeError):
@@ -176,17 +185,33 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per event), optional TensorBoard, on rank 0 only."""
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line cut short by a kill (dropped with the later steps)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per event), optional TensorBoard, on rank 0 only.
+
+    A run that starts at step s (0, or the checkpoint it resumes) first drops the records of later
+    steps, which a killed run wrote after its last checkpoint: the log then reads as one run.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_step: int):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
+        if enabled and self.path.exists():
+            write_atomically(self.path, "".join(line for line in self.path.read_text().splitlines(keepends=True)
+                                                if _record_step(line) <= start_step))
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                # TensorBoard hides the events of steps >= purge_step that earlier sessions wrote
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 log.info("tensorboard is not installed: logging to metrics.jsonl only")
 
@@ -232,6 +257,37 @@ def _configure_logging(run_dir: Path, is_main: bool) -> None:
     log.addHandler(stream_handler)
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "unset"
+
+
+_UNSET = _Unset()  # a key one of two configs lacks (in data.options, or data.augment set against null)
+
+
+def config_changes(saved: Config, now: Config) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, current value) of every setting that differs; nested mappings
+    (data.augment, data.options) are compared key by key."""
+    def walk(before: dict, after: dict, prefix: str) -> Iterator[tuple[str, object, object]]:
+        for key in [*before, *(key for key in after if key not in before)]:
+            old, new = before.get(key, _UNSET), after.get(key, _UNSET)
+            if isinstance(old, dict) and isinstance(new, dict):
+                yield from walk(old, new, f"{prefix}{key}.")
+            elif old != new:
+                yield f"{prefix}{key}", old, new
+
+    return list(walk(asdict(saved), asdict(now), ""))
+
+
+def _budget_grows(key: str, before: object, now: object) -> bool:
+    """True where a resumed run extends its budget: more train.steps, or more train.minutes (None: no limit)."""
+    if key == "train.steps":
+        return now > before
+    if key == "train.minutes":
+        return now is None or (before is not None and now > before)
+    return False
+
+
 class Trainer:
     """Holds one run's state; `run()` trains to the step/time budget and returns a TrainResult."""
 
@@ -242,11 +298,15 @@ class Trainer:
         self.device = context.device
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
-        self.run_dir = ensure_writable_dir(config.train.out_dir)
+        self.run_dir = Path(config.train.out_dir)
         existing = latest_checkpoint(self.run_dir)
         if existing is not None and not resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints (newest: {existing.name}); pass "
                              "--resume to continue that run, or set train.out_dir to a new folder")
+        if existing is None and resume:
+            raise ValueError(f"nothing to resume in {self.run_dir}: it holds no checkpoint (a run stopped before "
+                             "its first one leaves none); leave out --resume to start a new run there")
+        saved = self._check_resumable(existing) if existing is not None else None
         _configure_logging(self.run_dir, context.is_main)
 
         self.train_set, self.val_set = datasets or (load_split(config, TRAIN_SPLIT, training=True),
@@ -258,40 +318,51 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         model, self.encoding = network or build_network(config, self.num_classes)
-        if config.model.pretrained:
+        # a resumed run's weights come from its checkpoint: the pretrained file is not read (nor needed)
+        if config.model.pretrained and existing is None:
             log.info("%s", load_pixnerd_checkpoint(model, config.model.pretrained, strict=False))
         self.model = model.to(self.device)
         self.ema = ExponentialMovingAverage(self.model, config.optim.ema_decay)
         # fused: one kernel for all parameters instead of a loop of small ones per parameter
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, config.optim.weight_decay), lr=config.optim.lr, betas=ADAM_BETAS, fused=True)
-        self.objective = FlowMatchingObjective(self.encoding.to(self.device), config.objective) \
-            if self.encoding else None
         self.step, self.elapsed_before = 0, 0.0
         self.last_checkpoint = existing
         if existing is not None:
-            self._resume_from(existing)
+            self._resume_from(existing, saved)
+        self.objective = FlowMatchingObjective(self.encoding.to(self.device), config.objective) \
+            if self.encoding else None
         torch.manual_seed(mix_seed(config.train.seed, _RANK, context.rank, self.step))  # per-rank global RNG
         if context.is_main:
             write_atomically(self.run_dir / "config.yaml", to_yaml(config))
         self.network = DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
         ) if context.is_distributed else self.model
-        self.metrics = MetricsLog(self.run_dir, context.is_main, config.train.tensorboard)
+        self.metrics = MetricsLog(self.run_dir, context.is_main, config.train.tensorboard, self.step)
 
-    def _resume_from(self, checkpoint: Path) -> None:
+    def _check_resumable(self, checkpoint: Path) -> Config:
+        """The config `checkpoint` was saved with, if this run's config differs from it only where
+        RESUME_MAY_CHANGE allows and by budgets that grow; else a ValueError listing every difference."""
+        saved = config_from_yaml(read_checkpoint(checkpoint).config_yaml, origin=f"config of checkpoint {checkpoint}")
+        changes = [f"{key}: {before!r} -> {now!r}" for key, before, now in config_changes(saved, self.config)
+                   if key not in RESUME_MAY_CHANGE and not _budget_grows(key, before, now)]
+        if changes:
+            raise ValueError(f"cannot resume {self.run_dir}: its checkpoint {checkpoint.name} was trained with "
+                             f"other settings ({'; '.join(changes)}); resume with the saved ones "
+                             f"({checkpoint / CONFIG_FILE}) or set train.out_dir to a new folder (a resumed run may "
+                             "only grow train.steps or train.minutes, and change "
+                             f"{', '.join(sorted(RESUME_MAY_CHANGE))})")
+        return saved
+
+    def _resume_from(self, checkpoint: Path, saved: Config) -> None:
         info = read_checkpoint(checkpoint)
-        saved = config_from_yaml(info.config_yaml, origin=f"config of checkpoint {checkpoint}")
-        before, now = vars(saved.model), vars(self.config.model)
-        changed = [f"model.{key}: checkpoint {before[key]!r}, now {now[key]!r}" for key in before
-                   if before[key] != now[key]]
-        if changed:
-            raise ValueError(f"cannot resume {checkpoint} with another model ({'; '.join(changed)})")
         if info.num_classes != self.num_classes:
             raise ValueError(f"cannot resume {checkpoint}: it has {info.num_classes} classes, the dataset "
                              f"{self.config.data.name!r} has {self.num_classes}")
         fit_state_dict(self.model, load_weights(checkpoint, "model"), f"checkpoint {checkpoint}")
         fit_state_dict(self.ema.model, load_weights(checkpoint, "ema"), f"checkpoint {checkpoint}")
+        if self.encoding is not None:
+            self.encoding = trained_encoding(info, saved)
         state = load_train_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed_before, self.ema.updates = state["step"], state["elapsed"], state["ema_updates"]
@@ -380,7 +451,7 @@ class Trainer:
                            "world_size": self.context.world_size}
             path = save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.ema.model.state_dict(),
                                    train_state, to_yaml(self.config), self.train_set.class_names,
-                                   self.train_set.palette)
+                                   self.train_set.palette, None if self.encoding is None else self.encoding.centroids)
             prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints)
             log.info("step %d: saved %s", self.step, path)
         if dist.is_initialized():
@@ -443,12 +514,27 @@ def train(config: Config, resume: bool = False, context: DistContext | None = No
           datasets: tuple[SegmentationDataset, SegmentationDataset] | None = None) -> TrainResult:
     """Train as `config` says, in the process group torchrun set up (or one process).
 
-    network / datasets replace the ones the config describes (model + encoding; train and val split).
+    Rank 0 holds train.out_dir's lock for the whole run (flowseg.runlock): a second run into the folder
+    is refused. resume=True continues the folder's newest checkpoint, whose config this one must match
+    but for RESUME_MAY_CHANGE and larger budgets. network / datasets replace the ones the config
+    describes (model + encoding; train and val split).
     """
     owns_group = context is None
     context = context or setup(config.train.device)
     try:
-        return Trainer(config, context, resume, network, datasets).run()
+        run_dir = Path(config.train.out_dir)
+        if resume and not run_dir.is_dir():
+            raise ValueError(f"nothing to resume: run folder {run_dir} does not exist; leave out --resume to "
+                             "start a new run there")
+        ensure_writable_dir(run_dir)
+        # one writer per run folder: rank 0 writes for every rank, so only rank 0 takes the lock
+        lock = RunLock(run_dir) if context.is_main else None
+        with lock or nullcontext():
+            trainer = Trainer(config, context, resume, network, datasets)
+            if lock is not None and lock.stale is not None:
+                log.warning("the previous holder of %s (%s) ended without releasing it: taken over",
+                            lock.path, lock.stale)
+            return trainer.run()
     finally:
         if owns_group:
             cleanup()

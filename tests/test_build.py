@@ -1,13 +1,17 @@
 """Objects made from a config: the network and its encoding, the dataset splits, and a trained model
 read back from a checkpoint with the weights it was saved with."""
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import flowseg.build as build_module
 from flowseg.build import build_network, load_segmenter, load_split, load_trained
-from flowseg.checkpoint import load_weights
+from flowseg.checkpoint import ENCODING_FILE, load_centroids, load_weights
 from flowseg.config import load_config
+from flowseg.encoding import build_encoding
 from flowseg.inference import Segmenter
 from oracles import Painted
 
@@ -26,7 +30,7 @@ def test_the_flow_network_and_the_twin_each_give_p_over_the_classes():
         torch.testing.assert_close(p.sum(1), torch.ones(1, 16, 16))
 
 
-def test_random_centroids_follow_train_seed_so_a_saved_config_rebuilds_them():
+def test_random_centroids_follow_train_seed():
     def centroids(seed):
         config = load_config("shapes", ["model.encoding=random", "model.dim=5", f"train.seed={seed}"])
         return build_network(config, 7)[1].centroids
@@ -81,3 +85,47 @@ def test_the_segmenter_runs_on_eval_device_whatever_train_device_says(checkpoint
     segmenter, info = load_segmenter(checkpoint, ["eval.device=cpu", "train.device=cuda"])
     assert segmenter.device == torch.device("cpu") and info.step == 2
     assert next(segmenter.model.parameters()).device == torch.device("cpu")
+
+
+# ---- the encoding a checkpoint was trained with -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory, train_tiny_checkpoint):
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("random_run"), "shapes", "model.encoding=random",
+                                 "model.dim=5", "train.seed=3")
+
+
+def test_the_centroids_travel_in_the_checkpoint_and_no_override_changes_them(random_checkpoint, monkeypatch):
+    trained_with = build_encoding("random", 7, 5, seed=3).centroids
+    assert torch.equal(load_centroids(random_checkpoint), trained_with)
+    # train.seed drew the random mu_k; at eval it no longer does
+    assert torch.equal(load_trained(random_checkpoint, ["train.seed=7"]).encoding.centroids, trained_with)
+    # nor does the code that derives them: the stored ones are read as they are
+    monkeypatch.setattr(build_module, "build_encoding", lambda *args, **kwargs: build_encoding("kronecker", 7, 5))
+    assert torch.equal(load_trained(random_checkpoint).encoding.centroids, trained_with)
+
+
+def test_model_settings_of_a_checkpoint_cannot_be_overridden(random_checkpoint):
+    with pytest.raises(ValueError, match=r"does not fit this model \(model\.encoding: 'random' -> 'rd'\): the "
+                                         r"model\.\* settings of a trained network cannot be overridden"):
+        load_trained(random_checkpoint, ["model.encoding=rd"])
+
+
+def test_a_checkpoint_saved_without_centroids_derives_them_from_its_own_config(random_checkpoint, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(random_checkpoint, older)
+    (older / ENCODING_FILE).unlink()
+    assert torch.equal(load_trained(older, ["train.seed=7"]).encoding.centroids,
+                       build_encoding("random", 7, 5, seed=3).centroids)
+
+
+def test_stored_centroids_of_the_wrong_shape_are_refused(random_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(random_checkpoint, broken)
+    save_file({"centroids": torch.zeros(7, 3)}, broken / ENCODING_FILE)
+    with pytest.raises(ValueError, match=r"encoding .*encoding.safetensors holds centroids of shape \(7, 3\), "
+                                         r"but the checkpoint's 7 classes in model.dim 5 need \(7, 5\)"):
+        load_trained(broken)
+    save_file({"mu": torch.zeros(7, 5)}, broken / ENCODING_FILE)
+    with pytest.raises(ValueError, match="holds no 'centroids' tensor"):
+        load_trained(broken)

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from flowseg.config import load_config
 from flowseg.distributed import DistContext
 from flowseg.encoding import IGNORE_INDEX
-from flowseg.evaluate import evaluate_checkpoint, evaluate_dataset, format_table, metrics_record
+from flowseg.evaluate import default_out_dir, evaluate_checkpoint, evaluate_dataset, format_table, metrics_record
 from flowseg.metrics import ConfusionMatrix
+from flowseg.train import train
 from oracles import NUM_CLASSES, Painted, make_labels, oracle_segmenter
 
 
@@ -101,3 +103,30 @@ def test_evaluate_checkpoint_writes_json_and_table(checkpoint, tmp_path):
 def test_evaluating_on_a_dataset_with_another_class_count_is_refused(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="trained on 7 classes but dataset 'mnist-seg' has 11"):
         evaluate_checkpoint(checkpoint, ["data.name=mnist-seg", "eval.max_samples=1"], tmp_path, progress=False)
+
+
+def test_default_results_live_beside_the_checkpoints_and_survive_their_pruning(tmp_path):
+    """eval's default folder is a new RUN/eval/<checkpoint>-<split>[-n], so a second evaluation keeps the
+    first's results and a resumed run that prunes the evaluated checkpoint keeps both; pruning touches
+    nothing but step_* checkpoint folders."""
+    run = tmp_path / "run"
+    settings = ["data.image_size=16", "data.options.length=8", "train.batch_size=4", "train.val_every=0",
+                "train.val_samples=2", "train.progress=false", "train.device=cpu", "train.ckpt_every=2",
+                "train.keep_checkpoints=1", f"train.out_dir={run}"]
+    first = train(load_config("shapes", [*settings, "train.steps=2"]))
+    report = evaluate_checkpoint(run, ["eval.max_samples=1", "eval.steps=1"], progress=False)
+    assert report.json_path == run / "eval" / "step_00000002-test" / "result.json"
+    again = evaluate_checkpoint(run, ["eval.max_samples=2", "eval.steps=1"], progress=False)
+    assert again.json_path == run / "eval" / "step_00000002-test-2" / "result.json"  # the first is kept
+    (run / "checkpoints" / "notes.txt").write_text("mine")
+    (run / "checkpoints" / "step_best").mkdir()
+    train(load_config("shapes", [*settings, "train.steps=4"]), resume=True)
+    assert not first.checkpoint.exists()  # pruned
+    assert [json.loads(r.json_path.read_text())["images"] for r in (report, again)] == [1, 2]
+    assert (run / "checkpoints" / "notes.txt").read_text() == "mine" and (run / "checkpoints" / "step_best").is_dir()
+
+
+def test_a_checkpoint_outside_a_run_folder_keeps_its_results_beside_it(tmp_path):
+    assert default_out_dir(tmp_path / "best", "val") == tmp_path / "eval" / "best-val"
+    assert default_out_dir(tmp_path / "run" / "checkpoints" / "step_00000010", "val") == \
+        tmp_path / "run" / "eval" / "step_00000010-val"

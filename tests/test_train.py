@@ -1,19 +1,27 @@
-"""Training loop: schedule and EMA closed forms, the data stream, runs, resume, divergence, bad input."""
+"""Training loop: schedule and EMA closed forms, the data stream, runs, what resume checks, divergence, bad input."""
 
 import json
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 
+from safetensors.torch import save_file
+
 from flowseg.build import build_network, load_segmenter
-from flowseg.checkpoint import list_checkpoints, load_train_state, load_weights
+from flowseg.checkpoint import ENCODING_FILE, list_checkpoints, load_centroids, load_train_state, load_weights
+from flowseg.cli import EXIT_USAGE, main
 from flowseg.config import OptimConfig, load_config
 from flowseg.data import build_dataset
+from flowseg.encoding import random_centroids
 from flowseg.models.field import ConvStem, FieldOutput
+from flowseg.models.pixnerd import pixnerd_key_map
 from flowseg.train import (
-    COSINE_FLOOR, ExponentialMovingAverage, KeyedSamples, StepBatches, TrainingDiverged, learning_rate, train,
+    COSINE_FLOOR, ExponentialMovingAverage, KeyedSamples, MetricsLog, StepBatches, TrainingDiverged, learning_rate,
+    train,
 )
 
 TINY = ["data.name=shapes", "data.image_size=16", "data.augment=null", "data.options.length=12",
@@ -221,10 +229,143 @@ def test_an_existing_run_needs_resume(tmp_path):
         train(tiny_config(tmp_path, "train.steps=2"), datasets=tiny_datasets())
 
 
-def test_resume_with_another_model_is_refused(tmp_path):
+# ---- what a resume checks ----------------------------------------------------------------------
+
+def folder_contents(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-step run that refused resumes must leave exactly as it is."""
+    base = tmp_path_factory.mktemp("finished")
+    train(tiny_config(base, "train.steps=2"), datasets=tiny_datasets())
+    return base
+
+
+@pytest.mark.parametrize("override, listed", [
+    ("optim.lr=0.002", "optim.lr: 0.001 -> 0.002"),
+    ("train.batch_size=8", "train.batch_size: 4 -> 8"),
+    ("train.grad_accum=2", "train.grad_accum: 1 -> 2"),
+    ("train.seed=7", "train.seed: 0 -> 7"),
+    ("objective.kind=vanilla", "objective.kind: 'reshaped' -> 'vanilla'"),
+    ("data.image_size=32", "data.image_size: 16 -> 32"),
+    ("data.augment={}", "data.augment: None -> {'scale_range': "),
+    ("data.options.length=10", "data.options.length: 12 -> 10"),
+    ("data.options.max_objects=2", "data.options.max_objects: unset -> 2"),
+    ("model.size=S/8", "model.size: 'T/8' -> 'S/8'"),
+    ("train.val_samples=2", "train.val_samples: 4 -> 2"),
+    ("eval.steps=5", "eval.steps: 2 -> 5"),
+    ("train.steps=1", "train.steps: 2 -> 1"),          # a budget may grow, not shrink
+    ("train.minutes=5", "train.minutes: None -> 5.0"),  # None: no time limit
+])
+def test_resume_refuses_every_setting_that_changes_what_is_trained(finished_run, override, listed):
+    before = folder_contents(finished_run)
+    with pytest.raises(ValueError, match="cannot resume .* was trained with other settings") as caught:
+        train(tiny_config(finished_run, "train.steps=2", override), resume=True, datasets=tiny_datasets())
+    assert listed in str(caught.value) and str(caught.value).count(" -> ") == 1
+    assert folder_contents(finished_run) == before  # refused before anything is written
+
+
+def test_a_refused_resume_lists_every_difference(finished_run):
+    with pytest.raises(ValueError) as caught:
+        train(tiny_config(finished_run, "train.steps=2", "optim.lr=0.01", "train.seed=3", "train.log_every=5"),
+              resume=True, datasets=tiny_datasets())
+    message = str(caught.value)
+    assert "(optim.lr: 0.001 -> 0.01; train.seed: 0 -> 3)" in message  # train.log_every may change
+    assert "step_00000002/config.yaml" in message
+
+
+def test_a_resumed_run_may_grow_its_budgets(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=2", "train.minutes=60"), datasets=tiny_datasets())
+    grown = train(tiny_config(tmp_path, "train.steps=3", "train.minutes=90"), resume=True, datasets=tiny_datasets())
+    assert grown.step == 3
+    unlimited = train(tiny_config(tmp_path, "train.steps=4"), resume=True, datasets=tiny_datasets())  # no time limit
+    assert unlimited.step == 4
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "step_00000004"
+
+
+def test_a_moved_run_resumed_with_other_reporting_settings_ends_with_the_same_weights(tmp_path):
+    """RESUME_MAY_CHANGE holds what cannot change the result: a run killed after its step-3 checkpoint,
+    moved, and resumed with other reporting, validation and checkpoint cadences, matches a straight run;
+    its metrics.jsonl lists every step once (the killed run's step-4 record is dropped)."""
+    steps = ["train.steps=6", "train.ckpt_every=3"]
+    straight = train(tiny_config(tmp_path / "a", *steps), datasets=tiny_datasets())
+    train_set, val_set = tiny_datasets()
+    with pytest.raises(Killed):  # dies while reading step 5's batch, after step 4 was logged
+        train(tiny_config(tmp_path / "b", *steps), datasets=(DiesAfter(train_set, 4 * 4 + 1), val_set))
+    (tmp_path / "b" / "run").rename(tmp_path / "moved")
+    changed = ["train.log_every=2", "train.val_every=2", "train.ckpt_every=2", "train.keep_checkpoints=1",
+               "train.progress=true", "train.tensorboard=true", "train.threads=1", "eval.device=cpu"]
+    resumed = train(load_config(None, [*TINY, *steps, f"train.out_dir={tmp_path / 'moved'}", *changed]),
+                    resume=True, datasets=tiny_datasets())
+    for which in ("model", "ema"):
+        expected, actual = load_weights(straight.checkpoint, which), load_weights(resumed.checkpoint, which)
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+    records = [json.loads(line) for line in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 6]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [4, 6]
+
+
+def test_a_fresh_run_drops_the_metrics_a_run_killed_before_its_first_checkpoint_left(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9.0}\n{"kind": "tra')
     train(tiny_config(tmp_path, "train.steps=2"), datasets=tiny_datasets())
-    with pytest.raises(ValueError, match=r"another model \(model\.size: checkpoint 'T/8', now 'S/8'\)"):
-        train(tiny_config(tmp_path, "train.steps=4", "model.size=S/8"), resume=True, datasets=tiny_datasets())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("val", 2)]
+    assert records[0]["loss"] != 9.0
+
+
+def test_tensorboard_hides_what_a_killed_run_logged_after_the_checkpoint_resumed(tmp_path, monkeypatch):
+    opened = []
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = lambda log_dir, **kwargs: opened.append((log_dir, kwargs))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    MetricsLog(tmp_path, enabled=True, tensorboard=True, start_step=3)
+    assert opened == [(str(tmp_path / "tensorboard"), {"purge_step": 4})]  # events of steps >= 4 are hidden
+
+
+def test_resume_of_a_missing_or_checkpointless_run_folder_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"nothing to resume: run folder .*run does not exist; leave out --resume"):
+        train(tiny_config(tmp_path), resume=True, datasets=tiny_datasets())
+    assert not run.exists()
+    run.mkdir()
+    (run / "train.log").write_text("a run killed before its first checkpoint\n")
+    with pytest.raises(ValueError, match=r"nothing to resume in .*run: it holds no checkpoint"):
+        train(tiny_config(tmp_path), resume=True, datasets=tiny_datasets())
+    assert main(["train", "shapes", *TINY, f"train.out_dir={run}", "--resume"]) == EXIT_USAGE
+    assert "nothing to resume" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock", "train.log"]
+
+
+def test_a_resumed_run_needs_no_pretrained_file(tmp_path):
+    """The weights of a resumed run come from its checkpoint: its pretrained file may have moved."""
+    config = tiny_config(tmp_path, "train.steps=2")
+    model, _ = build_network(config, 7)
+    ours = model.state_dict()
+    pretrained = tmp_path / "pixnerd.safetensors"
+    save_file({theirs: ours[name] for theirs, name in pixnerd_key_map(model).items()}, pretrained)
+    train(tiny_config(tmp_path, "train.steps=2", f"model.pretrained={pretrained}"), datasets=tiny_datasets())
+    pretrained.unlink()
+    resumed = train(tiny_config(tmp_path, "train.steps=3", f"model.pretrained={pretrained}"), resume=True,
+                    datasets=tiny_datasets())
+    assert resumed.step == 3
+
+
+def test_a_resumed_run_keeps_the_centroids_its_checkpoint_stores(tmp_path):
+    """Centroids are read from the checkpoint, not derived again: a run resumed from a checkpoint whose
+    mu_k differ from what its config derives trains on, and saves, the stored ones."""
+    first = train(tiny_config(tmp_path, "train.steps=2", "model.encoding=random"), datasets=tiny_datasets())
+    stored = load_centroids(first.checkpoint)
+    torch.testing.assert_close(stored, random_centroids(7, 3, seed=0).float())
+    other = torch.linspace(-1, 1, 21).view(7, 3)
+    save_file({"centroids": other}, first.checkpoint / ENCODING_FILE)
+    resumed = train(tiny_config(tmp_path, "train.steps=4", "model.encoding=random"), resume=True,
+                    datasets=tiny_datasets())
+    assert torch.equal(load_centroids(resumed.checkpoint), other)
 
 
 class NanAfterCalls(torch.nn.Module):
