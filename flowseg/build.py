@@ -70,13 +70,13 @@ class TrainedModel:
 
 def trained_encoding(info: CheckpointInfo, saved: Config) -> CategoryEncoding | None:
     """The encoding checkpoint `info` was trained with, `saved` its own config: the centroids mu_k it
-    stores (a checkpoint saved before they were stored: derived from its config). None for the twin."""
+    stores, never re-derived (a random code depends on the seed). None for the twin."""
     if saved.model.kind == "discriminative":
         return None
     derived = build_encoding(saved.model.encoding, info.num_classes, saved.model.dim, seed=saved.train.seed)
     stored = load_centroids(info.path)
     if stored is None:
-        return derived
+        raise ValueError(f"checkpoint {info.path} of a flow model holds no {ENCODING_FILE} (its centroids mu_k)")
     if stored.shape != derived.centroids.shape:
         raise ValueError(f"the encoding {info.path / ENCODING_FILE} holds centroids of shape {tuple(stored.shape)}, "
                          f"but the checkpoint's {info.num_classes} classes in model.dim "

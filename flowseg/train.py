@@ -43,8 +43,9 @@ from tqdm import tqdm
 
 from flowseg.build import build_network, load_split, trained_encoding
 from flowseg.checkpoint import (
-    CHECKPOINTS_DIR, CONFIG_FILE, ensure_writable_dir, fit_state_dict, latest_checkpoint, load_train_state,
-    load_weights, prune_checkpoints, read_checkpoint, save_checkpoint, step_dir_name, write_atomically,
+    CHECKPOINTS_DIR, CONFIG_FILE, describe_nonfinite, ensure_writable_dir, fit_state_dict, latest_checkpoint,
+    load_train_state, load_weights, nonfinite_counts, prune_checkpoints, read_checkpoint, remove_leftovers,
+    save_checkpoint, step_dir_name, write_atomically,
 )
 from flowseg.config import Config, OptimConfig, config_from_yaml, to_yaml
 from flowseg.data import SegmentationDataset
@@ -74,15 +75,21 @@ RESUME_MAY_CHANGE = frozenset({
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient became NaN/inf; nothing was saved after the last good checkpoint."""
+    """The loss, the gradient or the weights became NaN/inf; nothing was saved after the last good
+    checkpoint (every checkpoint is finite: save_checkpoint refuses NaN/inf)."""
 
-    def __init__(self, step: int, last_checkpoint: Path | None):
+    def __init__(self, step: int, last_checkpoint: Path | None,
+                 cause: str = "the network output, loss or gradient became NaN/inf"):
         self.step, self.last_checkpoint = step, last_checkpoint
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
             "no checkpoint had been written yet"
-        super().__init__(f"training diverged at step {step}: the network output, loss or gradient became "
-                         f"NaN/inf; stopped without saving, {kept} (try a lower optim.lr or a longer "
-                         "optim.warmup_steps)")
+        super().__init__(f"training diverged at step {step}: {cause}; stopped without saving, {kept} (try a "
+                         "lower optim.lr or a longer optim.warmup_steps)")
+
+
+# what --resume reads from a checkpoint's train_state.pt, and the type of each
+TRAIN_STATE = {"step": int, "elapsed": float, "ema_updates": int, "optimizer": dict, "torch_rng": torch.Tensor,
+               "world_size": int}
 
 
 @dataclass
@@ -308,6 +315,9 @@ class Trainer:
                              "its first one leaves none); leave out --resume to start a new run there")
         saved = self._check_resumable(existing) if existing is not None else None
         _configure_logging(self.run_dir, context.is_main)
+        if context.is_main:  # saves and deletions a killed run left unfinished
+            for leftover in remove_leftovers(self.run_dir):
+                log.info("removed %s, left by an interrupted run", leftover)
 
         self.train_set, self.val_set = datasets or (load_split(config, TRAIN_SPLIT, training=True),
                                                     load_split(config, VAL_SPLIT))
@@ -363,7 +373,7 @@ class Trainer:
         fit_state_dict(self.ema.model, load_weights(checkpoint, "ema"), f"checkpoint {checkpoint}")
         if self.encoding is not None:
             self.encoding = trained_encoding(info, saved)
-        state = load_train_state(checkpoint)
+        state = load_train_state(checkpoint, TRAIN_STATE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed_before, self.ema.updates = state["step"], state["elapsed"], state["ema_updates"]
         if self.context.is_main:
@@ -434,7 +444,17 @@ class Trainer:
 
     # ---- validation and checkpoints -----------------------------------------------------------
 
+    def _check_finite(self) -> None:
+        """Raise TrainingDiverged if a raw or EMA weight is NaN/inf (an update can overflow the weights
+        while the gradient was still finite). Every rank checks: their weights are the same."""
+        counts = {name: nonfinite_counts(module.state_dict()) for name, module in
+                  (("model", self.model), ("EMA", self.ema.model))}
+        if any(counts.values()):
+            found = "; ".join(f"{name}: {describe_nonfinite(bad)}" for name, bad in counts.items() if bad)
+            raise TrainingDiverged(self.step, self.last_checkpoint, f"the weights became NaN/inf ({found})")
+
     def validate(self) -> SegmentationMetrics:
+        self._check_finite()
         segmenter = Segmenter(self.ema.model, self.encoding, self.config, self.device)
         result = evaluate_dataset(segmenter, self.val_set, self.num_classes, [self.config.eval.steps],
                                   self.config.train.val_samples, self.context)[0]
@@ -445,6 +465,7 @@ class Trainer:
         return metrics
 
     def save(self, elapsed: float) -> Path:
+        self._check_finite()
         if self.context.is_main:
             train_state = {"step": self.step, "elapsed": elapsed, "ema_updates": self.ema.updates,
                            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),

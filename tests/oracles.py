@@ -1,14 +1,19 @@
-"""Oracle models whose predictions are known exactly, shared by the inference and evaluation tests.
+"""Oracle models whose predictions are known exactly, shared by the inference and evaluation tests,
+and a checkpoint-editing helper.
 
 An oracle reads the class painted into the image's red channel (paint / labels_in_image) and answers
 it through `mapping`, so a test knows every pixel's prediction before the Segmenter runs.
 """
 
+import hashlib
+import json
 from types import SimpleNamespace
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from flowseg.checkpoint import ENCODING_FILE, META_FILE
 from flowseg.config import load_config
 from flowseg.encoding import IGNORE_INDEX, build_encoding
 from flowseg.inference import Segmenter
@@ -85,3 +90,15 @@ def oracle_segmenter(mapping=(0, 1, 2, 3), twin=False, *overrides):
     encoding = build_encoding("kronecker", NUM_CLASSES)
     model = OracleTwin(encoding, mapping) if twin else OracleFlow(encoding, mapping)
     return Segmenter(model, None if twin else encoding, config, torch.device("cpu"))
+
+
+def replace_encoding(checkpoint, tensors):
+    """Write (or, with None, remove) a checkpoint's encoding file and record its sha256, as a save would."""
+    meta = json.loads((checkpoint / META_FILE).read_text())
+    if tensors is None:
+        (checkpoint / ENCODING_FILE).unlink()
+        del meta["sha256"][ENCODING_FILE]
+    else:
+        save_file(tensors, checkpoint / ENCODING_FILE)
+        meta["sha256"][ENCODING_FILE] = hashlib.sha256((checkpoint / ENCODING_FILE).read_bytes()).hexdigest()
+    (checkpoint / META_FILE).write_text(json.dumps(meta))

@@ -13,7 +13,7 @@ from flowseg.checkpoint import ENCODING_FILE, load_centroids, load_weights
 from flowseg.config import load_config
 from flowseg.encoding import build_encoding
 from flowseg.inference import Segmenter
-from oracles import Painted
+from oracles import Painted, replace_encoding
 
 
 def test_the_flow_network_and_the_twin_each_give_p_over_the_classes():
@@ -111,21 +111,24 @@ def test_model_settings_of_a_checkpoint_cannot_be_overridden(random_checkpoint):
         load_trained(random_checkpoint, ["model.encoding=rd"])
 
 
-def test_a_checkpoint_saved_without_centroids_derives_them_from_its_own_config(random_checkpoint, tmp_path):
+def test_a_flow_checkpoint_without_centroids_is_refused(random_checkpoint, tmp_path):
     older = tmp_path / "older"
     shutil.copytree(random_checkpoint, older)
-    (older / ENCODING_FILE).unlink()
-    assert torch.equal(load_trained(older, ["train.seed=7"]).encoding.centroids,
-                       build_encoding("random", 7, 5, seed=3).centroids)
+    replace_encoding(older, None)
+    with pytest.raises(ValueError, match="holds no encoding.safetensors"):
+        load_trained(older)
 
 
 def test_stored_centroids_of_the_wrong_shape_are_refused(random_checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(random_checkpoint, broken)
-    save_file({"centroids": torch.zeros(7, 3)}, broken / ENCODING_FILE)
+    replace_encoding(broken, {"centroids": torch.zeros(7, 3)})
     with pytest.raises(ValueError, match=r"encoding .*encoding.safetensors holds centroids of shape \(7, 3\), "
                                          r"but the checkpoint's 7 classes in model.dim 5 need \(7, 5\)"):
         load_trained(broken)
-    save_file({"mu": torch.zeros(7, 5)}, broken / ENCODING_FILE)
+    replace_encoding(broken, {"mu": torch.zeros(7, 5)})
     with pytest.raises(ValueError, match="holds no 'centroids' tensor"):
+        load_trained(broken)
+    save_file({"centroids": torch.ones(7, 5)}, broken / ENCODING_FILE)  # bytes changed behind the record
+    with pytest.raises(ValueError, match="is damaged"):
         load_trained(broken)

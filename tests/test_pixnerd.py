@@ -293,3 +293,40 @@ def test_conv_stem_model_takes_everything_but_the_patch_embedding(tmp_path):
     assert report.missing and all(name.startswith("stem.layers.") for name in report.missing)
     assert torch.equal(model.stem.layers[0].weight, initial)
     assert torch.equal(model.trunk[0].attn.proj.bias, state["blocks.0.attn.proj.bias"])
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_a_corrupt_safetensors_file_is_refused_by_name(tmp_path, damage):
+    path = tmp_path / "pixnerd.safetensors"
+    save_file(tiny_pixnerd_state(), path)
+    path.write_bytes({"empty": b"", "garbage": b"not a safetensors file",
+                      "truncated": path.read_bytes()[:-100]}[damage])
+    with pytest.raises(ValueError, match=f"cannot read '{path}' as a safetensors file: "):
+        load_pixnerd_checkpoint(PixelFieldTransformer(TINY, 3), path, strict=False)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_file_matching_no_parameter_is_refused(tmp_path, strict):
+    """Not a PixNerd file, e.g. a flowseg checkpoint's own weights (our names): loading it would
+    silently keep every initial weight."""
+    path = tmp_path / "ours.safetensors"
+    save_file(PixelFieldTransformer(TINY, 3).state_dict(), path)
+    model = PixelFieldTransformer(TINY, 3)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"'{path}' holds no PixNerd weight: none of its \d+ tensor names "
+                                         r"\(e.g. \['field.blocks.0.norm.weight', .*\) is a PixNerd parameter of "
+                                         r"tiny-test \(e.g. \['blocks.0.adaLN_modulation"):
+        load_pixnerd_checkpoint(model, path, strict=strict)
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+
+
+def test_nonfinite_pretrained_weights_are_refused(tmp_path):
+    state = tiny_pixnerd_state()
+    state["blocks.1.attn.proj.bias"][3] = float("nan")
+    path = tmp_path / "pixnerd.safetensors"
+    save_file(state, path)
+    model = PixelFieldTransformer(TINY, 3, image_conditioning=False)
+    initial = model.trunk[0].attn.proj.bias.clone()
+    with pytest.raises(ValueError, match=r"NaN/inf values in 1 weight\(s\), e.g. \['trunk.1.attn.proj.bias'\]"):
+        load_pixnerd_checkpoint(model, path)
+    assert torch.equal(model.trunk[0].attn.proj.bias, initial)  # nothing was copied

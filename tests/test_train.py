@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from flowseg.build import build_network, load_segmenter
-from flowseg.checkpoint import ENCODING_FILE, list_checkpoints, load_centroids, load_train_state, load_weights
+from flowseg.checkpoint import list_checkpoints, load_centroids, load_train_state, load_weights
 from flowseg.cli import EXIT_USAGE, main
 from flowseg.config import OptimConfig, load_config
 from flowseg.data import build_dataset
@@ -23,6 +23,7 @@ from flowseg.train import (
     COSINE_FLOOR, ExponentialMovingAverage, KeyedSamples, MetricsLog, StepBatches, TrainingDiverged, learning_rate,
     train,
 )
+from oracles import replace_encoding
 
 TINY = ["data.name=shapes", "data.image_size=16", "data.augment=null", "data.options.length=12",
         "model.size=T/8", "train.batch_size=4", "train.steps=4", "train.log_every=1", "train.val_every=0",
@@ -362,7 +363,7 @@ def test_a_resumed_run_keeps_the_centroids_its_checkpoint_stores(tmp_path):
     stored = load_centroids(first.checkpoint)
     torch.testing.assert_close(stored, random_centroids(7, 3, seed=0).float())
     other = torch.linspace(-1, 1, 21).view(7, 3)
-    save_file({"centroids": other}, first.checkpoint / ENCODING_FILE)
+    replace_encoding(first.checkpoint, {"centroids": other})
     resumed = train(tiny_config(tmp_path, "train.steps=4", "model.encoding=random"), resume=True,
                     datasets=tiny_datasets())
     assert torch.equal(load_centroids(resumed.checkpoint), other)

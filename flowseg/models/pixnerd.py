@@ -142,9 +142,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint file not found: {path!r}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"cannot read {path!r} as a safetensors file: {error}") from error
     try:
         # weights_only: a checkpoint file must not be able to run code when it is read
         content = torch.load(path, map_location="cpu", weights_only=True)
@@ -197,6 +201,15 @@ def load_pixnerd_checkpoint(
             report.adapted.append(f"{name} <- {key}: {tuple(value.shape)} -> {tuple(target.shape)}")
         else:
             mismatched.append(f"  {key} -> {name}: checkpoint {tuple(value.shape)}, model {tuple(target.shape)}")
+    if not updates and not mismatched:
+        names = sorted(state)
+        raise ValueError(f"{os.fspath(path)!r} holds no PixNerd weight: none of its {len(names)} tensor names "
+                         f"(e.g. {names[:3]}) is a PixNerd parameter of {model.size.name} (e.g. "
+                         f"{sorted(mapping)[:2]})")
+    nonfinite = [name for name, value in updates.items() if not torch.isfinite(value).all()]
+    if nonfinite:
+        raise ValueError(f"{os.fspath(path)!r} holds NaN/inf values in {len(nonfinite)} weight(s), "
+                         f"e.g. {nonfinite[:3]}")
     report.missing = sorted(set(ours) - set(updates))
     problems = []
     if mismatched:
