@@ -206,7 +206,7 @@ def write_voc_aug(base: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         labels[image_id] = (voc, aug)
     lists = base / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True)
-    (lists / "train.txt").write_text("a\nb\n")
+    (lists / "train.txt").write_bytes("a\r\nb\r\n".encode("utf-8-sig"))  # Windows line ends and a BOM are read
     (lists / "val.txt").write_text("c\n")
     (lists / "aug.txt").write_text("d\ne\n")  # mmsegmentation: SBD minus VOC train and val
     (lists / "train_aug.txt").write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n"
@@ -249,6 +249,10 @@ def test_voc_augmented_split_faults_are_named(tmp_path):
     os.remove(base / "SegmentationClassAug" / "e.png")
     with pytest.raises(ValueError, match=r"VOC: 1 of 2 images have no label file, e.g. .*e.jpg \(expected "
                                          rf"{base / 'SegmentationClassAug' / 'e.png'}\)"):
+        build_dataset("voc", "aug", root=tmp_path)
+    (base / "ImageSets" / "Segmentation" / "aug.txt").write_bytes(b"d\n\xe9\n")
+    with pytest.raises(ValueError, match=rf"^VOC: split list {base / 'ImageSets' / 'Segmentation' / 'aug.txt'} is "
+                                         r"not UTF-8 text: byte 0xe9 on line 2"):
         build_dataset("voc", "aug", root=tmp_path)
     (base / "ImageSets" / "Segmentation" / "aug.txt").write_text("a\nd\n")  # overlaps train.txt
     with pytest.raises(ValueError, match=r"VOC: split 'train\+aug' lists 1 image\(s\) twice"):

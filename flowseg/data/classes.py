@@ -2,7 +2,7 @@
 
 Label id k of a dataset is class_names[k]. ADE20K's ids are those after reduce_zero_label (file value
 1 = "wall" becomes 0); COCO-Stuff's are the 171 contiguous train ids of the 164k release, derived here
-from the official 182-id list. Class files are UTF-8 text, one name per line.
+from the official 182-id list. Class files and split lists are UTF-8 text.
 """
 
 from __future__ import annotations
@@ -105,29 +105,30 @@ def coco_stuff_raw_to_train() -> np.ndarray:
     return table
 
 
-def read_class_file(path: str | Path) -> list[str]:
-    """One class name per line (blank lines skipped); line k (from 0) names label id k.
-
-    The file must be UTF-8 (a UTF-8 byte-order mark is allowed and dropped); anything else is refused
-    with the file's name, rather than read as wrong names.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"classes file not found: {path} (expected a text file with one class name per line)")
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """The stripped non-blank lines of a UTF-8 text file (a UTF-8 byte-order mark is dropped). Any other
+    encoding is refused naming the file, rather than read as wrong names: `what` is how errors call it."""
     data = path.read_bytes()
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise ValueError(f"classes file {path} is UTF-16 text (it starts with a UTF-16 byte-order mark); "
-                         f"save it as UTF-8")
+        raise ValueError(f"{what} {path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
     if b"\0" in data:
-        raise ValueError(f"classes file {path} holds NUL bytes (UTF-16 without a byte-order mark, or not text); "
+        raise ValueError(f"{what} {path} holds NUL bytes (UTF-16 without a byte-order mark, or not text); "
                          f"save it as UTF-8 text")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[:error.start].count(b"\n") + 1
-        raise ValueError(f"classes file {path} is not UTF-8 text: byte 0x{data[error.start]:02x} on line {line} "
+        raise ValueError(f"{what} {path} is not UTF-8 text: byte 0x{data[error.start]:02x} on line {line} "
                          f"(latin-1 or another legacy encoding?); save it as UTF-8") from None
-    names = [line.strip() for line in text.splitlines() if line.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_class_file(path: str | Path) -> list[str]:
+    """One class name per line of UTF-8 text (blank lines skipped); line k (from 0) names label id k."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"classes file not found: {path} (expected a text file with one class name per line)")
+    names = read_text_lines(path, "classes file")
     if not names:
         raise ValueError(f"classes file {path} lists no class names (expected one name per line)")
     if len(set(names)) != len(names):

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from flowseg.data.base import JointTransform, SegmentationDataset, check_split
 from flowseg.data.classes import (ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, COCO_STUFF_CLASSES,
-                                  COCO_STUFF_RAW_NAMES, VOC_CLASSES, coco_stuff_raw_to_train, read_class_file)
+                                  COCO_STUFF_RAW_NAMES, VOC_CLASSES, coco_stuff_raw_to_train, read_class_file,
+                                  read_text_lines)
 from flowseg.data.io import IMAGE_EXTENSIONS, check_label_values, image_to_tensor, read_image, read_label
 from flowseg.encoding import IGNORE_INDEX
 
@@ -207,7 +208,7 @@ class VOCDataset(FilePairDataset):
         list_file = base / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not list_file.is_file():
             raise ValueError(f"VOC: split list {list_file} not found (see docs/data.md for the expected layout)")
-        ids = [Path(line.split()[0]).stem for line in list_file.read_text().splitlines() if line.strip()]
+        ids = [Path(line.split()[0]).stem for line in read_text_lines(list_file, "VOC: split list")]
         if not ids:
             raise ValueError(f"VOC: split list {list_file} names no images")
         images = [base / "JPEGImages" / f"{image_id}.jpg" for image_id in ids]
