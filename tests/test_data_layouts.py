@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flowseg.cli import main
 from flowseg.data import IGNORE_INDEX, build_dataset
 from flowseg.data.classes import COCO_STUFF_CLASSES, COCO_STUFF_RAW_NAMES, coco_stuff_raw_to_train, pascal_palette
 
@@ -425,3 +426,12 @@ def test_missing_layout_folder(tmp_path, name):
 def test_on_disk_dataset_needs_a_root():
     with pytest.raises(ValueError, match=r"dataset 'voc' is read from disk: give root=<its folder>"):
         build_dataset("voc", "train")
+
+
+def test_cli_refuses_a_latin1_classes_file_with_exit_2_naming_it(folder, tmp_path, capsys):
+    (folder / "classes.txt").write_bytes("background\nthing\ncafé\n".encode("latin-1"))
+    code = main(["train", "folder", f"data.root={folder}", f"train.out_dir={tmp_path / 'run'}", "train.device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err == (f"flowseg train: error: classes file {folder / 'classes.txt'} is not UTF-8 text: byte 0xe9 on "
+                   f"line 3 (latin-1 or another legacy encoding?); save it as UTF-8\n")
