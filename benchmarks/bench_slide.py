@@ -95,8 +95,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, min over {args.rounds} round(s):")
     for tree in args.trees:
         first = args.trees[0]
-        times = "  ".join(f"{steps} steps {best[tree, steps]:7.2f} s (ratio {best[tree, steps] / best[first, steps]:.3f})"
-                          for steps in args.steps)
+        times = "  ".join(f"{steps} steps {best[tree, steps]:7.2f} s "
+                          f"(ratio {best[tree, steps] / best[first, steps]:.3f})" for steps in args.steps)
         print(f"  {times}  max |p - p_first| {differences[tree]:.1e}  {tree}")
 
 
