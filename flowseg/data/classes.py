@@ -1,14 +1,18 @@
 """Class lists and palettes of the standard benchmarks, as data.
 
 Label id k of a dataset is class_names[k]. ADE20K's ids are those after reduce_zero_label (file value
-1 = "wall" becomes 0); COCO-Stuff's are the 171 contiguous train ids of the 164k release.
+1 = "wall" becomes 0); COCO-Stuff's are the 171 contiguous train ids of the 164k release, derived here
+from the official 182-id list. Class files and split lists are UTF-8 text.
 """
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 import numpy as np
+
+from flowseg.encoding import IGNORE_INDEX
 
 
 def pascal_palette(num_colours: int) -> np.ndarray:
@@ -59,18 +63,24 @@ ADE20K_CLASSES = [
     "glass", "clock", "flag",
 ]
 
-_COCO_THINGS = [
+# COCO-Stuff's official ids 1..182 in order (the stuffthingmaps PNGs store id - 1, 255 = unlabelled):
+# COCO's 91 thing ids, then the 91 stuff ids. COCO defined 11 thing ids it never annotated; the 171
+# train ids are the other 182 - 11 ids, renumbered 0..170 in the same order.
+_COCO_THING_IDS = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
+    "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
+    "cow", "elephant", "bear", "zebra", "giraffe", "hat", "backpack", "umbrella", "shoe", "eye glasses",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
+    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza",
+    "donut", "cake", "chair", "couch", "potted plant", "bed", "mirror", "dining table", "window", "desk",
+    "toilet", "door", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "blender", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush", "hair brush",
 ]
-_COCO_STUFF = [
+_COCO_UNANNOTATED = {"street sign", "hat", "shoe", "eye glasses", "plate", "mirror", "window", "desk", "door",
+                     "blender", "hair brush"}
+_COCO_STUFF_IDS = [
     "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
     "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain",
     "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile",
@@ -82,18 +92,49 @@ _COCO_STUFF = [
     "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel",
     "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
 ]
-COCO_STUFF_CLASSES = _COCO_THINGS + _COCO_STUFF  # the 80 things, then the 91 stuff classes
+COCO_STUFF_RAW_NAMES = _COCO_THING_IDS + _COCO_STUFF_IDS  # stuffthingmaps value v names COCO_STUFF_RAW_NAMES[v]
+COCO_STUFF_CLASSES = [name for name in COCO_STUFF_RAW_NAMES if name not in _COCO_UNANNOTATED]
+
+
+def coco_stuff_raw_to_train() -> np.ndarray:
+    """(256,) int64 lookup table: stuffthingmaps value v -> train id, IGNORE_INDEX for 255, for the 11
+    unannotated ids and for values above 181 (which the caller reports before looking up)."""
+    table = np.full(256, IGNORE_INDEX, dtype=np.int64)
+    annotated = [raw for raw, name in enumerate(COCO_STUFF_RAW_NAMES) if name not in _COCO_UNANNOTATED]
+    table[annotated] = np.arange(len(annotated))
+    return table
+
+
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """The stripped non-blank lines of a UTF-8 text file (a UTF-8 byte-order mark is dropped). Any other
+    encoding is refused naming the file, rather than read as wrong names: `what` is how errors call it."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ValueError(f"{what} {path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    if b"\0" in data:
+        raise ValueError(f"{what} {path} holds NUL bytes (UTF-16 without a byte-order mark, or not text); "
+                         f"save it as UTF-8 text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path} is not UTF-8 text: byte 0x{data[error.start]:02x} on line {line} "
+                         f"(latin-1 or another legacy encoding?); save it as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def read_class_file(path: str | Path) -> list[str]:
-    """One class name per line (blank lines skipped); line k (from 0) names label id k."""
+    """One class name per line of UTF-8 text (blank lines skipped); line k (from 0) names label id k."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"classes file not found: {path} (expected a text file with one class name per line)")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = read_text_lines(path, "classes file")
     if not names:
         raise ValueError(f"classes file {path} lists no class names (expected one name per line)")
     if len(set(names)) != len(names):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         raise ValueError(f"classes file {path} repeats class name(s) {duplicates}")
+    if len(names) > IGNORE_INDEX:
+        raise ValueError(f"classes file {path} names {len(names)} classes; at most {IGNORE_INDEX} fit below the "
+                         f"ignore label {IGNORE_INDEX}")
     return names
