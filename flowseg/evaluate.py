@@ -144,7 +144,7 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (),
     dataset = load_split(config, config.eval.split)
     if dataset.num_classes != info.num_classes:
         raise ValueError(f"checkpoint {info.path} was trained on {info.num_classes} classes but dataset "
-                         f"{config.data.name!r} has {dataset.num_classes}")
+                         f"{config.data.name!r} has {dataset.describe_classes()}")
     default = None if out_dir else default_out_dir(info.path, config.eval.split)
     ensure_writable_dir(out_dir or default.parent)  # before any work is done
     evaluated = min(len(dataset), config.eval.max_samples or len(dataset))

@@ -368,7 +368,7 @@ class Trainer:
         info = read_checkpoint(checkpoint)
         if info.num_classes != self.num_classes:
             raise ValueError(f"cannot resume {checkpoint}: it has {info.num_classes} classes, the dataset "
-                             f"{self.config.data.name!r} has {self.num_classes}")
+                             f"{self.config.data.name!r} has {self.train_set.describe_classes()}")
         fit_state_dict(self.model, load_weights(checkpoint, "model"), f"checkpoint {checkpoint}")
         fit_state_dict(self.ema.model, load_weights(checkpoint, "ema"), f"checkpoint {checkpoint}")
         if self.encoding is not None:

@@ -6,8 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import flowseg.evaluate as evaluate_module
 from flowseg.config import load_config
+from flowseg.data import build_dataset
 from flowseg.distributed import DistContext
 from flowseg.encoding import IGNORE_INDEX
 from flowseg.evaluate import default_out_dir, evaluate_checkpoint, evaluate_dataset, format_table, metrics_record
@@ -103,6 +106,18 @@ def test_evaluate_checkpoint_writes_json_and_table(checkpoint, tmp_path):
 def test_evaluating_on_a_dataset_with_another_class_count_is_refused(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="trained on 7 classes but dataset 'mnist-seg' has 11"):
         evaluate_checkpoint(checkpoint, ["data.name=mnist-seg", "eval.max_samples=1"], tmp_path, progress=False)
+
+
+def test_a_class_count_mismatch_names_the_classes_file(checkpoint, tmp_path, monkeypatch):
+    root = tmp_path / "folder"
+    for kind in ("images", "labels"):
+        (root / kind / "val").mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16) if kind == "labels" else (16, 16, 3), np.uint8)).save(root / kind / "val" / "0.png")
+    (root / "classes.txt").write_text("background\ncircle\nsquare\n")
+    folder = build_dataset("folder", "val", root=root, image_size=None)
+    monkeypatch.setattr(evaluate_module, "load_split", lambda config, split: folder)
+    with pytest.raises(ValueError, match=r"has 3 classes \(listed in .*classes.txt\)"):
+        evaluate_checkpoint(checkpoint, [], tmp_path / "out", progress=False)
 
 
 def test_default_results_live_beside_the_checkpoints_and_survive_their_pruning(tmp_path):

@@ -44,6 +44,7 @@ class SegmentationDataset(Dataset):
     """
 
     ignore_index: int = IGNORE_INDEX
+    classes_file = None  # the file class_names were read from, where there is one
 
     def __init__(self, class_names: list[str], palette: np.ndarray | None = None,
                  transform: JointTransform | None = None):
@@ -63,6 +64,11 @@ class SegmentationDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def describe_classes(self) -> str:
+        """"N classes", and the file they come from, for messages about a class count."""
+        source = f" (listed in {self.classes_file})" if self.classes_file is not None else ""
+        return f"{self.num_classes} classes{source}"
 
     def __len__(self) -> int:
         raise NotImplementedError
