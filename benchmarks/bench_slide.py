@@ -14,33 +14,18 @@ and the largest difference of p between each tree and the first. Prints figures 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def _import_flowseg(tree: Path):
-    """flowseg from `tree`, with every module of a previously imported copy forgotten."""
-    for name in [name for name in sys.modules if name == "flowseg" or name.startswith("flowseg.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(tree))
-    try:
-        package = importlib.import_module("flowseg")
-        if Path(package.__file__).resolve().parent != (tree / "flowseg").resolve():
-            raise RuntimeError(f"imported flowseg from {package.__file__}, not from {tree}")
-        return (importlib.import_module("flowseg.config"), importlib.import_module("flowseg.build"),
-                importlib.import_module("flowseg.inference"))
-    finally:
-        sys.path.remove(str(tree))
+from trees import import_flowseg
 
 
 def run_tree(tree: Path, args: argparse.Namespace, image: torch.Tensor) -> dict[int, tuple[float, torch.Tensor]]:
     """steps -> (seconds, p) of slide inference on `image` with the flowseg in `tree`."""
-    config_module, build_module, inference_module = _import_flowseg(tree)
+    config_module, build_module, inference_module = import_flowseg(tree, "config", "build", "inference")
     overrides = [f"model.size={args.size}", "eval.inference=slide", f"eval.window={args.window}",
                  f"eval.stride={args.stride}", f"eval.batch_size={args.batch_size}", "eval.grid_shifts=1",
                  "eval.device=cpu", "eval.precision=fp32", *args.set]

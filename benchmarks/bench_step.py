@@ -15,29 +15,15 @@ reported with the ratio to the first tree. Prints figures only; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-
-def _import_flowseg(tree: Path):
-    """flowseg from `tree`, with every module of a previously imported copy forgotten."""
-    for name in [name for name in sys.modules if name == "flowseg" or name.startswith("flowseg.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(tree))
-    try:
-        package = importlib.import_module("flowseg")
-        if Path(package.__file__).resolve().parent != (tree / "flowseg").resolve():
-            raise RuntimeError(f"imported flowseg from {package.__file__}, not from {tree}")
-        return importlib.import_module("flowseg.config"), importlib.import_module("flowseg.train")
-    finally:
-        sys.path.remove(str(tree))
+from trees import import_flowseg
 
 
 def seconds_per_step(tree: Path, warmup: int, steps: int, log_every: int, extra: list[str]) -> float:
-    config_module, train_module = _import_flowseg(tree)
+    config_module, train_module = import_flowseg(tree, "config", "train")
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"train.out_dir={out}/run", f"train.steps={warmup + steps}", f"train.log_every={log_every}",
                      "train.val_every=0", "train.val_samples=2", "train.ckpt_every=0", "train.progress=false",
