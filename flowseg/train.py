@@ -337,6 +337,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, config.optim.weight_decay), lr=config.optim.lr, betas=ADAM_BETAS, fused=True)
         self.step, self.elapsed_before = 0, 0.0
+        self.finite_at = -1  # the step whose weights _check_finite last found finite
         self.last_checkpoint = existing
         if existing is not None:
             self._resume_from(existing, saved)
@@ -446,12 +447,16 @@ class Trainer:
 
     def _check_finite(self) -> None:
         """Raise TrainingDiverged if a raw or EMA weight is NaN/inf (an update can overflow the weights
-        while the gradient was still finite). Every rank checks: their weights are the same."""
+        while the gradient was still finite). Every rank checks: their weights are the same. Weights
+        change only in a training step, so a validation and a save at the same step check once."""
+        if self.finite_at == self.step:
+            return
         counts = {name: nonfinite_counts(module.state_dict()) for name, module in
                   (("model", self.model), ("EMA", self.ema.model))}
         if any(counts.values()):
             found = "; ".join(f"{name}: {describe_nonfinite(bad)}" for name, bad in counts.items() if bad)
             raise TrainingDiverged(self.step, self.last_checkpoint, f"the weights became NaN/inf ({found})")
+        self.finite_at = self.step
 
     def validate(self) -> SegmentationMetrics:
         self._check_finite()
