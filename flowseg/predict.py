@@ -110,14 +110,15 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
     Every input is read and every output checked (check_outputs) before the model is loaded and the
     folder made, so a bad input or output fails fast and leaves nothing."""
     paths = expand_inputs(inputs)
-    images = [image_to_tensor(read_image(path)) for path in paths]  # each (3, H, W) in [-1, 1]
+    pictures = [read_image(path) for path in paths]  # each (H, W, 3) uint8: a quarter of its float32 tensor
     out_dir = Path(out_dir)
     planned = [[out_dir / f"{stem}{suffix}.png" for suffix in OUTPUT_SUFFIXES] for stem in output_stems(paths)]
     check_outputs(paths, [path for files in planned for path in files], out_dir, overwrite)
     segmenter, info = load_segmenter(checkpoint, overrides)
     ensure_writable_dir(out_dir)
     results = []
-    for path, files, image in zip(paths, planned, images):
+    for path, files, picture in zip(paths, planned, pictures):
+        image = image_to_tensor(picture)  # (3, H, W) in [-1, 1]
         prediction = segmenter.predict(image[None])
         labels, confidence = prediction.labels[0].cpu(), prediction.confidence[0].cpu()
         written = PredictedFile(path, *files, float(confidence.mean()))
