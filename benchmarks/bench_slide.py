@@ -7,7 +7,8 @@ Each tree is imported in turn (its `flowseg` package first on sys.path, every fl
 between trees). An untrained network of --size for the 19 Cityscapes classes (weights from seed 0, the
 same in every tree) segments one random --height x --width image with eval.inference=slide at --window
 and --stride (default 2/3 of the window), for each of --steps, through the public
-Segmenter.probabilities. The trees run alternately for --rounds rounds, so that a change in the
+Segmenter.probabilities, on --device (the CPU by default; on CUDA one window is segmented first,
+outside the timing, and every time waits for the device). The trees run alternately for --rounds rounds, so that a change in the
 machine's load hits each alike; the minimum over rounds is reported with the ratio to the first tree,
 and the largest difference of p between each tree and the first. Prints figures only; asserts nothing.
 """
@@ -28,16 +29,21 @@ def run_tree(tree: Path, args: argparse.Namespace, image: torch.Tensor) -> dict[
     config_module, build_module, inference_module = import_flowseg(tree, "config", "build", "inference")
     overrides = [f"model.size={args.size}", "eval.inference=slide", f"eval.window={args.window}",
                  f"eval.stride={args.stride}", f"eval.batch_size={args.batch_size}", "eval.grid_shifts=1",
-                 "eval.device=cpu", "eval.precision=fp32", *args.set]
+                 f"eval.device={args.device}", f"eval.precision={args.precision}", *args.set]
     config = config_module.load_config("cityscapes", overrides)
     torch.manual_seed(0)
     model, encoding = build_module.build_network(config, 19)
-    segmenter = inference_module.Segmenter(model, encoding, config, torch.device("cpu"))
+    device = torch.device(args.device)
+    segmenter = inference_module.Segmenter(model, encoding, config, device)
+    if device.type == "cuda":  # a first call pays for kernel selection and the allocator's growth
+        segmenter.probabilities(image[..., :args.window, :args.window], 1)
     results = {}
     for steps in args.steps:
         began = time.perf_counter()
         p = segmenter.probabilities(image, steps)
-        results[steps] = (time.perf_counter() - began, p)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        results[steps] = (time.perf_counter() - began, p.cpu())
     return results
 
 
@@ -53,6 +59,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="eval.batch_size (windows per forward)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--precision", default="fp32", help="eval.precision: fp32 (default), bf16 (CUDA) or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra config override for every tree")
@@ -76,8 +84,9 @@ def main() -> None:
             reference = reference or results
             differences[tree] = max((results[s][1] - reference[s][1]).abs().max().item() for s in args.steps)
     print(f"\n{args.height}x{args.width} image, untrained {args.size}, slide window {args.window} stride "
-          f"{args.stride} ({windows} windows), eval.batch_size {args.batch_size}, CPU with "
-          f"{torch.get_num_threads()} threads, min over {args.rounds} round(s):")
+          f"{args.stride} ({windows} windows), eval.batch_size {args.batch_size}, "
+          f"{'CPU with ' + str(torch.get_num_threads()) + ' threads' if args.device == 'cpu' else args.device} "
+          f"at {args.precision}, min over {args.rounds} round(s):")
     for tree in args.trees:
         first = args.trees[0]
         times = "  ".join(f"{steps} steps {best[tree, steps]:7.2f} s "

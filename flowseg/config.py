@@ -109,6 +109,9 @@ class TrainConfig:
     # "auto" = bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16" (CUDA only). GPU runs of the large
     # benchmark configs (ADE20K at 512 px) need bf16's memory and speed; "fp32" is the full-precision check
     precision: str = "auto"
+    # torch.compile the network for training (not for validation): fused kernels, worth its minute of
+    # compilation on GPUs (docs/gpu.md); off, training runs eagerly
+    compile: bool = False
     log_every: int = 20
     val_every: int = 500             # steps between validations; 0 = only at the end
     val_samples: Optional[int] = None  # validate on the first N samples of the split (None = all)

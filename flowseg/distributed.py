@@ -20,6 +20,9 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    # launched by torchrun: the ranks form a process group and the model is wrapped in DDP, also when
+    # there is one rank (a one-GPU torchrun runs the same code path as eight)
+    launched: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -27,7 +30,7 @@ class DistContext:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        return self.launched or self.world_size > 1
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,16 +53,18 @@ def setup(device: str = "auto") -> DistContext:
     device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". Each rank drives the GPU of its
     LOCAL_RANK, so one node runs one process per GPU.
     """
+    launched = "WORLD_SIZE" in os.environ
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     torch_device = resolve_device(device, local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    if world_size > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device,
+                       launched=launched)
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:

@@ -70,7 +70,7 @@ ADAM_BETAS = (0.9, 0.99)   # AdamW's decay rates of its gradient moments
 RESUME_MAY_CHANGE = frozenset({
     "train.out_dir", "train.device", "train.threads", "data.num_workers", "eval.device",
     "train.progress", "train.log_every", "train.tensorboard", "train.val_every", "train.ckpt_every",
-    "train.keep_checkpoints",
+    "train.keep_checkpoints", "train.compile",
 })
 
 
@@ -349,6 +349,8 @@ class Trainer:
         self.network = DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
         ) if context.is_distributed else self.model
+        if config.train.compile:
+            self.network = torch.compile(self.network)
         self.metrics = MetricsLog(self.run_dir, context.is_main, config.train.tensorboard, self.step)
 
     def _check_resumable(self, checkpoint: Path) -> Config:
@@ -400,7 +402,7 @@ class Trainer:
         weight = self.config.objective.token_loss_weight
         return LossOutput(main.loss + weight * token.loss, {**main.metrics, **token.metrics})
 
-    def _train_step(self, batches: Iterator[dict], progress: float) -> dict[str, torch.Tensor | float]:
+    def train_step(self, batches: Iterator[dict], progress: float) -> dict[str, torch.Tensor | float]:
         """One optimizer step; returns its loss and metrics (means over the micro-batches) as tensors."""
         config, accum = self.config, self.config.train.grad_accum
         lr = learning_rate(config.optim, self.step, progress)
@@ -500,9 +502,10 @@ class Trainer:
         budget = config.minutes * 60 if config.minutes else math.inf
         started = time.monotonic() - self.elapsed_before
         batches = self._batches()
-        log.info("training %s (%d classes) on %s x %d rank(s) from step %d to %d%s; run folder %s",
-                 self.config.model.size, self.num_classes, self.device.type, self.context.world_size, self.step,
-                 config.steps, f" or {config.minutes:g} min" if config.minutes else "", self.run_dir)
+        group = f" ({dist.get_backend()} process group, DDP)" if self.context.is_distributed else ""
+        log.info("training %s (%d classes) on %s x %d rank(s)%s from step %d to %d%s; run folder %s",
+                 self.config.model.size, self.num_classes, self.device.type, self.context.world_size, group,
+                 self.step, config.steps, f" or {config.minutes:g} min" if config.minutes else "", self.run_dir)
         bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True) \
             if self.context.is_main and config.progress else None
         # a resumed run already holds the checkpoint of the step it starts at (a finished run: its final one)
@@ -515,7 +518,7 @@ class Trainer:
                 if self.step >= config.steps or elapsed >= budget:
                     break
                 progress = min(1.0, max(self.step / config.steps, elapsed / budget))
-                figures = self._train_step(batches, progress)
+                figures = self.train_step(batches, progress)
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     self._log_step(figures, elapsed, bar)
                 if bar is not None:

@@ -51,17 +51,20 @@ def _records(run_dir, kind):
     return [record for record in map(json.loads, lines) if record["kind"] == kind]
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    """2 ranks x 1 micro-batch of 2 = 1 rank x 2 micro-batches of 2: same samples, same t, same update."""
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, ranks):
+    """2 ranks x 1 micro-batch of 2 = 1 rank x 2 micro-batches of 2: same samples, same t, same update.
+    torchrun with one rank joins a process group and trains through DDP too, with the same result."""
     one, two = tmp_path / "one", tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for launcher, run_dir, accumulation in (([sys.executable], one, 2), (torchrun, two, 1)):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    for launcher, run_dir, accumulation in (([sys.executable], one, 2), (torchrun, two, 2 // ranks)):
         launched = subprocess.run(
             [*launcher, "-m", "flowseg.cli", "train", "shapes", *RUN, f"train.grad_accum={accumulation}",
              f"train.out_dir={run_dir}"],
             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
         assert launched.returncode == 0, launched.stderr[-3000:]
-    assert "1 rank(s)" in (one / "train.log").read_text() and "2 rank(s)" in (two / "train.log").read_text()
+    assert "cpu x 1 rank(s) from" in (one / "train.log").read_text()
+    assert f"cpu x {ranks} rank(s) (gloo process group, DDP) from" in (two / "train.log").read_text()
 
     for which in ("model", "ema"):
         expected, actual = load_weights(latest_checkpoint(one), which), load_weights(latest_checkpoint(two), which)
