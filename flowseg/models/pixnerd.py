@@ -203,7 +203,7 @@ def load_pixnerd_checkpoint(
     for key, value in state.items():
         if key == LABEL_TABLE:  # (num_classes + 1, C): the null label's row is the last
             target = ours[NULL_EMBEDDING]
-            if value.dim() == 2 and value.shape[1:] == target.shape:
+            if value.dim() == 2 and len(value) and value.shape[1:] == target.shape:
                 updates[NULL_EMBEDDING] = value[-1]
                 report.adapted.append(f"{NULL_EMBEDDING} <- {key}[{len(value) - 1}] (the null label): "
                                       f"{tuple(value.shape)} -> {tuple(target.shape)}")
