@@ -2,7 +2,9 @@
 
     stem    s_0 = W_patch patchify(avgpool_qs(u)) + b       u = [x_t, I]: network input (B, c_in, H, W)
             (PatchEmbedding; or ConvStem: 3x3 convolutions down to the same patch grid)
-    time    e_t = MLP(sinusoid(t)),  c = SiLU(e_t)
+    time    e_t = MLP(sinusoid(t)),  c = SiLU(e_t + y_0)
+            y_0: a learned vector, zero at init; PixNerd's embedding of its null class label, which is
+            what a PixNerd checkpoint brings (pixnerd.py)
     trunk   s_{l+1} = TrunkBlock(s_l, c)                     adaLN-Zero DiT blocks, 2-D RoPE
     field   per patch token s = SiLU(s_L + e_t) and each of its query pixels (i, j):
             h_0 = W_in [u(i, j), DCT(i, j)],  h_{k+1} = FieldBlock_k(h_k; s),  out = W_out RMSNorm(h_K)
@@ -247,6 +249,7 @@ class FieldTransformerBase(nn.Module):
             raise ValueError(f"unknown stem {stem!r}; expected one of {tuple(STEMS)}")
         self.stem = STEMS[stem](in_channels, width, patch)
         self.time_embed = TimestepEmbedder(width)
+        self.null_embedding = nn.Parameter(torch.zeros(width))  # y_0; zero: c = SiLU(e_t) until trained or loaded
         self.trunk = nn.ModuleList(
             TrunkBlock(width, self.size.heads, self.size.mlp_ratio) for _ in range(self.size.depth)
         )
@@ -279,7 +282,7 @@ class FieldTransformerBase(nn.Module):
         coarse = F.avg_pool2d(inputs, query_scale) if query_scale > 1 else inputs
         tokens = self.stem(coarse)  # (B, L, C)
         time = self.time_embed(t)  # (B, C)
-        condition = F.silu(time)
+        condition = F.silu(time + self.null_embedding)  # (B, C)
         head_dim = self.size.width // self.size.heads
         rope = tuple(a.to(tokens.dtype) for a in rope_2d_angles(grid_h, grid_w, head_dim, device=inputs.device))
         for block in self.trunk:

@@ -2,19 +2,28 @@
 
 PixNerd's denoiser keeps the trunk blocks and the neural-field blocks in one list: `blocks.0` ..
 `blocks.{depth-1}` are trunk blocks, `blocks.{depth}` .. are field blocks. KEY_TABLE maps every
-PixNerd parameter name to ours ({i}: trunk block, {j}: field block j = PixNerd block depth + j).
+PixNerd parameter name but the label table's to ours ({i}: trunk block, {j}: field block j = PixNerd block depth + j).
 
 Shapes must match exactly, except where this project's network differs by design:
   - input channels: PixNerd embeds 3-channel x_t; ours embeds u = [x_t, I] (d + 3 channels) or d
     channels. PixNerd's 3 channels go to our first min(3, c_in) input channels, the rest is zero.
   - output channels: PixNerd predicts 3 channels, ours d (or N logits): first min(3, c_out) copied.
-Those parameters are reported as adapted. PixNerd's class-label embedding is skipped and reported.
-Anything else that disagrees is an error listing every offending key with both shapes.
+  - class labels: PixNerd conditions its trunk on c = SiLU(e_t + y_emb[label]) and keeps one row more
+    than it has classes, y_emb[num_classes], for "no label". Segmentation has no class label: our
+    null embedding y_0 (c = SiLU(e_t + y_0)) takes that last row, so the loaded trunk computes
+    PixNerd's unconditional function.
+Those parameters are reported as adapted. Anything else that disagrees is an error listing every
+offending key with both shapes.
+
+Only the tensors of one denoiser copy are read: a torch file is memory-mapped (a Lightning checkpoint
+also holds the raw denoiser and the optimizer state, several times the EMA weights), a safetensors
+file is read tensor by tensor.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -52,8 +61,8 @@ KEY_TABLE: tuple[tuple[str, str], ...] = (
     ("final_layer.linear.weight", "field.out.weight"),
     ("final_layer.linear.bias", "field.out.bias"),
 )
-# segmentation has no class label to condition on
-SKIPPED_KEYS = ("y_embedder.embedding_table.weight",)
+# PixNerd's (num_classes + 1, C) class-label table: its last row, the null label's, is our y_0
+LABEL_TABLE, NULL_EMBEDDING = "y_embedder.embedding_table.weight", "null_embedding"
 # prefixes of the Lightning checkpoint's copies of the denoiser, preferred first
 PREFIXES = ("ema_denoiser.", "denoiser.")
 
@@ -63,14 +72,14 @@ class LoadReport:
     prefix: str  # which copy of the denoiser was read ("ema_denoiser.", "denoiser." or "")
     loaded: list[str] = field(default_factory=list)  # our parameters copied unchanged
     adapted: list[str] = field(default_factory=list)  # "ours <- theirs: (checkpoint) -> (model)"
-    skipped: list[str] = field(default_factory=list)  # checkpoint keys deliberately unused
     missing: list[str] = field(default_factory=list)  # our parameters left at init (strict=False)
     unexpected: list[str] = field(default_factory=list)  # unknown checkpoint keys (strict=False)
 
 
 def pixnerd_key_map(model: FieldTransformerBase) -> dict[str, str]:
     """PixNerd parameter name -> our parameter name, for this model's depths and the parameters it has
-    (a conv-stem model has no counterpart of PixNerd's patch embedding, and PixNerd has no token head)."""
+    (a conv-stem model has no counterpart of PixNerd's patch embedding, and PixNerd has no token head).
+    The label table is not in it: the null embedding takes only its last row (see load_pixnerd_checkpoint)."""
     depth, field_depth = model.size.depth, model.size.field_depth
     mapping = {}
     for theirs, ours in KEY_TABLE:
@@ -136,37 +145,44 @@ def adapt_channels(theirs: Tensor, layout: ChannelLayout) -> Tensor:
 # loading
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Tensors of a .safetensors file, or of a torch file (a Lightning checkpoint's "state_dict")."""
+def denoiser_prefix(names: Iterable[str]) -> str:
+    """The prefix of the EMA denoiser if a name has it, else of the denoiser, else "" (names as they are)."""
+    names = list(names)
+    for prefix in PREFIXES:
+        if any(name.startswith(prefix) for name in names):
+            return prefix
+    return ""
+
+
+def read_denoiser(path: str | os.PathLike) -> tuple[str, dict[str, Tensor]]:
+    """The prefix of a checkpoint file's preferred denoiser copy (denoiser_prefix) and its tensors,
+    named without it. The file: .safetensors, or a torch file (a Lightning checkpoint's "state_dict").
+    Only that copy's tensors are read into memory (see the module docstring)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint file not found: {path!r}")
     if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            return load_file(path)
+            with safe_open(path, framework="pt", device="cpu") as file:
+                prefix = denoiser_prefix(file.keys())
+                return prefix, {name[len(prefix) :]: file.get_tensor(name)
+                                for name in file.keys() if name.startswith(prefix)}
         except (SafetensorError, OSError) as error:
             raise ValueError(f"cannot read {path!r} as a safetensors file: {error}") from error
     try:
-        # weights_only: a checkpoint file must not be able to run code when it is read
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: a checkpoint file must not be able to run code when it is read; mmap: a tensor's
+        # bytes are read when it is used, so the other copy and the optimizer state are never read
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         raise ValueError(f"cannot read {path!r} as a tensor-only torch checkpoint: {error}") from error
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content = content["state_dict"]
     if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):
         raise ValueError(f"{path!r} holds no state dict (a mapping of names to tensors)")
-    return content
-
-
-def strip_prefix(state: dict[str, Tensor]) -> tuple[str, dict[str, Tensor]]:
-    """Select the EMA denoiser if present, else the denoiser, else take the keys as they are."""
-    for prefix in PREFIXES:
-        if any(key.startswith(prefix) for key in state):
-            return prefix, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return "", state
+    prefix = denoiser_prefix(content)
+    return prefix, {name[len(prefix) :]: value for name, value in content.items() if name.startswith(prefix)}
 
 
 def load_pixnerd_checkpoint(
@@ -179,14 +195,21 @@ def load_pixnerd_checkpoint(
     """
     if not isinstance(model, FieldTransformerBase):
         raise TypeError(f"model must be a flowseg field transformer, got {type(model).__name__}")
-    prefix, state = strip_prefix(read_state_dict(path))
+    prefix, state = read_denoiser(path)
     report = LoadReport(prefix=prefix)
     mapping = pixnerd_key_map(model)
     ours = model.state_dict()
     updates, mismatched = {}, []
     for key, value in state.items():
-        if key in SKIPPED_KEYS:
-            report.skipped.append(key)
+        if key == LABEL_TABLE:  # (num_classes + 1, C): the null label's row is the last
+            target = ours[NULL_EMBEDDING]
+            if value.dim() == 2 and len(value) and value.shape[1:] == target.shape:
+                updates[NULL_EMBEDDING] = value[-1]
+                report.adapted.append(f"{NULL_EMBEDDING} <- {key}[{len(value) - 1}] (the null label): "
+                                      f"{tuple(value.shape)} -> {tuple(target.shape)}")
+            else:
+                mismatched.append(f"  {key} -> {NULL_EMBEDDING}: checkpoint {tuple(value.shape)}, "
+                                  f"model (num_classes + 1, {len(target)})")
             continue
         if key not in mapping:
             report.unexpected.append(key)
