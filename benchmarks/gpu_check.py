@@ -223,7 +223,7 @@ def trunk_tokens(model: torch.nn.Module, inputs: torch.Tensor, t: torch.Tensor) 
     """The stem and trunk blocks of model.forward_field alone: tokens (B, L, C) of the last block."""
     grid_h, grid_w = (side // model.size.patch_size for side in inputs.shape[-2:])
     tokens = model.stem(inputs)  # (B, L, C)
-    condition = F.silu(model.time_embed(t))  # (B, C)
+    condition = F.silu(model.time_embed(t) + model.null_embedding)  # (B, C)
     rope = tuple(a.to(tokens.dtype) for a in
                  rope_2d_angles(grid_h, grid_w, model.size.width // model.size.heads, device=inputs.device))
     for block in model.trunk:

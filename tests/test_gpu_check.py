@@ -15,9 +15,10 @@ def test_the_trunk_alone_computes_the_tokens_the_whole_network_feeds_its_field()
     for parameter in model.parameters():  # adaLN-Zero starts every block as the identity: make them act
         parameter.data.normal_(0, 0.05)
     captured = {}
-    model.trunk[-1].register_forward_hook(lambda module, args, out: captured.update(tokens=out))
+    hook = model.trunk[-1].register_forward_hook(lambda module, args, out: captured.update(tokens=out))
     x_t, image, t = torch.randn(2, encoding.dim, 32, 32), torch.rand(2, 3, 32, 32), torch.rand(2)
     model(x_t, t, image)
+    hook.remove()  # trunk_tokens runs the same blocks
     tokens = gpu_check.trunk_tokens(model, torch.cat([x_t, image], dim=1), t)
     assert tokens.shape == (2, 16, model.size.width)
     torch.testing.assert_close(tokens, captured["tokens"], rtol=0, atol=0)
