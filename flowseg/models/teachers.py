@@ -263,7 +263,7 @@ class DinoV2(nn.Module):
 
     def patch_positions(self, grid_h: int, grid_w: int) -> Tensor:
         """The patch position embedding on a grid_h x grid_w grid, (1, grid_h * grid_w, dim)."""
-        table = self.pos_embed[:, 1:].float()
+        table = self.pos_embed[:, 1:]
         if (grid_h, grid_w) == (self.pos_grid, self.pos_grid):
             return table
         table = table.view(1, self.pos_grid, self.pos_grid, self.dim).permute(0, 3, 1, 2)  # (1, dim, M, M)
