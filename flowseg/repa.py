@@ -32,11 +32,9 @@ def align_block(block: int | None, depth: int) -> int:
     return block if block is not None else min(PIXNERD_ALIGN_BLOCK, max(1, depth // 2))
 
 
-class Projector(nn.Sequential):
+def build_projector(width: int, teacher_dim: int) -> nn.Sequential:
     """h_phi: the tokens' width C -> C -> C -> the teacher's width D (PixNerd's hidden width is C)."""
-
-    def __init__(self, width: int, teacher_dim: int):
-        super().__init__(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+    return nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                          nn.Linear(width, teacher_dim))
 
 
@@ -64,7 +62,7 @@ class RepaAlignment(nn.Module):
     def __init__(self, teacher: nn.Module, width: int, block: int, weight: float):
         super().__init__()
         self.teacher = teacher.requires_grad_(False).eval()
-        self.projector = Projector(width, teacher.dim)
+        self.projector = build_projector(width, teacher.dim)
         self.block, self.weight = block, weight
 
     def train(self, mode: bool = True) -> RepaAlignment:
