@@ -61,14 +61,9 @@ class RepaAlignment(nn.Module):
 
     def __init__(self, teacher: nn.Module, width: int, block: int, weight: float):
         super().__init__()
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = teacher.requires_grad_(False).eval()  # eval: its batch norms keep their ImageNet statistics
         self.projector = build_projector(width, teacher.dim)
         self.block, self.weight = block, weight
-
-    def train(self, mode: bool = True) -> RepaAlignment:
-        super().train(mode)
-        self.teacher.eval()  # its batch norms keep their ImageNet statistics
-        return self
 
     def loss(self, block_tokens: Tensor, image: Tensor, grid: tuple[int, int]) -> LossOutput:
         """weight * L_repa for the tokens s_k (B, L, C) of images I (B, 3, H, W) on a token grid."""
