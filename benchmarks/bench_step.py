@@ -22,13 +22,14 @@ from pathlib import Path
 from trees import import_flowseg
 
 
-def seconds_per_step(tree: Path, warmup: int, steps: int, log_every: int, extra: list[str]) -> float:
+def seconds_per_step(tree: Path, warmup: int, steps: int, log_every: int, extra: list[str],
+                     config: str = "mnist-seg") -> float:
     config_module, train_module = import_flowseg(tree, "config", "train")
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"train.out_dir={out}/run", f"train.steps={warmup + steps}", f"train.log_every={log_every}",
                      "train.val_every=0", "train.val_samples=2", "train.ckpt_every=0", "train.progress=false",
                      "train.tensorboard=false", "train.device=cpu", *extra]
-        train_module.train(config_module.load_config("mnist-seg", overrides))
+        train_module.train(config_module.load_config(config, overrides))
         records = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     started = {record["step"]: record["elapsed"] for record in records if record["kind"] == "train"}
     return (started[warmup + steps] - started[warmup]) / steps

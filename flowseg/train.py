@@ -3,7 +3,8 @@
 One optimizer step s:
     lr_s   = lr * min(1, (s + 1) / warmup) * [r + (1 - r) (1 + cos(pi * progress)) / 2]     (cosine)
     loss   = mean over the W * A micro-batches of the objective (W ranks x A accumulation steps),
-             plus objective.token_loss_weight x the token loss when the model has a token head
+             plus objective.token_loss_weight x the token loss when the model has a token head,
+             plus repa.weight x the REPA alignment loss when repa.teacher is set (flowseg/repa.py)
     theta <- AdamW(theta, clip(grad loss)),  theta_ema <- beta theta_ema + (1 - beta) theta
 progress = max(s / train.steps, elapsed / train.minutes) in [0, 1], so the schedule ends with
 whichever budget ends first; r = COSINE_FLOOR. The model learns from the split "train" and is
@@ -57,6 +58,7 @@ from flowseg.losses import discriminative_loss, token_classification_loss
 from flowseg.metrics import SegmentationMetrics
 from flowseg.models.pixnerd import load_pixnerd_checkpoint
 from flowseg.objective import FlowMatchingObjective, LossOutput
+from flowseg.repa import build_alignment
 from flowseg.runlock import RunLock
 
 log = logging.getLogger("flowseg.train")
@@ -90,6 +92,7 @@ class TrainingDiverged(RuntimeError):
 # what --resume reads from a checkpoint's train_state.pt, and the type of each
 TRAIN_STATE = {"step": int, "elapsed": float, "ema_updates": int, "optimizer": dict, "torch_rng": torch.Tensor,
                "world_size": int}
+REPA_STATE = "repa_projector"  # with REPA on, the projector's weights too (a dict); unused at inference
 
 
 @dataclass
@@ -185,10 +188,10 @@ class KeyedSamples(Dataset):
             return self.dataset[index]
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(parameters: list[nn.Parameter], weight_decay: float) -> list[dict]:
     # weight decay on matrices only: decaying norm gains and biases towards 0 only hurts
-    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    matrices = [p for p in parameters if p.requires_grad and p.dim() >= 2]
+    vectors = [p for p in parameters if p.requires_grad and p.dim() < 2]
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
 
 
@@ -333,9 +336,17 @@ class Trainer:
             log.info("%s", load_pixnerd_checkpoint(model, config.model.pretrained, strict=False))
         self.model = model.to(self.device)
         self.ema = ExponentialMovingAverage(self.model, config.optim.ema_decay)
+        # built after the model, so that a seed gives the same initial network with or without REPA
+        self.repa = build_alignment(config.repa, self.model.size.width, self.model.size.depth)
+        self.trained = list(self.model.parameters())  # what the optimizer updates and the gradient clip sees
+        if self.repa is not None:
+            self.repa.to(self.device)
+            self.trained += list(self.repa.projector.parameters())
+            log.info("REPA: the tokens of trunk block %d aligned to %s, weight %g", self.repa.block,
+                     config.repa.teacher, self.repa.weight)
         # fused: one kernel for all parameters instead of a loop of small ones per parameter
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, config.optim.weight_decay), lr=config.optim.lr, betas=ADAM_BETAS, fused=True)
+            _param_groups(self.trained, config.optim.weight_decay), lr=config.optim.lr, betas=ADAM_BETAS, fused=True)
         self.step, self.elapsed_before = 0, 0.0
         self.finite_at = -1  # the step whose weights _check_finite last found finite
         self.last_checkpoint = existing
@@ -376,7 +387,9 @@ class Trainer:
         fit_state_dict(self.ema.model, load_weights(checkpoint, "ema"), f"checkpoint {checkpoint}")
         if self.encoding is not None:
             self.encoding = trained_encoding(info, saved)
-        state = load_train_state(checkpoint, TRAIN_STATE)
+        state = load_train_state(checkpoint, {**TRAIN_STATE, **({REPA_STATE: dict} if self.repa else {})})
+        if self.repa is not None:
+            self.repa.projector.load_state_dict(state[REPA_STATE])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed_before, self.ema.updates = state["step"], state["elapsed"], state["ema_updates"]
         if self.context.is_main:
@@ -387,20 +400,29 @@ class Trainer:
 
     def _micro_loss(self, batch: dict, progress: float, generator: torch.Generator) -> LossOutput:
         """The loss of one micro-batch: the network's one forward pass, scored by the objective (the
-        discriminative loss for the twin) and, with a token head, by the token loss."""
+        discriminative loss for the twin), with a token head by the token loss, and with REPA by the
+        alignment of a trunk block's tokens to the teacher's features."""
         image = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         path = None if self.objective is None else self.objective.sample_path(image, labels, generator)
+        expose = {} if self.repa is None else {"expose_block": self.repa.block}
         # only the network runs under autocast: the correction's distance expansion needs float32
         with autocast(self.device, self.config.train.precision):
-            output = self.network(image) if path is None else self.network(path.x_t, path.t, image)
+            output = self.network(image, **expose) if path is None else self.network(path.x_t, path.t, image, **expose)
         out = output.out.float()
         main = discriminative_loss(out, labels) if path is None else self.objective.loss(out, path, progress)
-        if output.token_logits is None:
-            return main
-        token = token_classification_loss(output.token_logits.float(), labels, self.model.size.patch_size)
-        weight = self.config.objective.token_loss_weight
-        return LossOutput(main.loss + weight * token.loss, {**main.metrics, **token.metrics})
+        loss, metrics = main.loss, dict(main.metrics)
+        patch = self.model.size.patch_size
+        if output.token_logits is not None:
+            token = token_classification_loss(output.token_logits.float(), labels, patch)
+            loss = loss + self.config.objective.token_loss_weight * token.loss
+            metrics.update(token.metrics)
+        if self.repa is not None:
+            with autocast(self.device, self.config.train.precision):
+                repa = self.repa.loss(output.block_tokens, image, (image.shape[-2] // patch, image.shape[-1] // patch))
+            loss = loss + repa.loss
+            metrics.update(repa.metrics)
+        return LossOutput(loss, metrics)
 
     def train_step(self, batches: Iterator[dict], progress: float) -> dict[str, torch.Tensor | float]:
         """One optimizer step; returns its loss and metrics (means over the micro-batches) as tensors."""
@@ -419,8 +441,13 @@ class Trainer:
                 (outputs.loss / accum).backward()
             for name, value in {"loss": outputs.loss.detach(), **outputs.metrics}.items():
                 figures[name] = figures[name] + value / accum if name in figures else value / accum
+        if self.repa is not None and dist.is_initialized():
+            # DDP averages the network's gradients over the ranks; the projector's are averaged here
+            for parameter in self.repa.projector.parameters():
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= self.context.world_size
         max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, max_norm)
         # the step's one check: NaN/inf in any output or loss reaches the gradient, and the gradient is
         # averaged over the ranks, so every rank stops at the same step
         if not torch.isfinite(grad_norm):
@@ -477,6 +504,8 @@ class Trainer:
             train_state = {"step": self.step, "elapsed": elapsed, "ema_updates": self.ema.updates,
                            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                            "world_size": self.context.world_size}
+            if self.repa is not None:
+                train_state[REPA_STATE] = self.repa.projector.state_dict()
             path = save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.ema.model.state_dict(),
                                    train_state, to_yaml(self.config), self.train_set.class_names,
                                    self.train_set.palette, None if self.encoding is None else self.encoding.centroids)

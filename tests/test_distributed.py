@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from flowseg.checkpoint import latest_checkpoint, load_weights
+from flowseg.checkpoint import latest_checkpoint, load_train_state, load_weights
 from flowseg.distributed import autocast, broadcast_float, resolve_device, setup, shard_indices
+from flowseg.train import REPA_STATE
 
 RUN = ["data.name=shapes", "data.image_size=16", "data.augment={}", "data.options.length=12",
        "model.size=T/8", "train.batch_size=4", "train.steps=4", "train.log_every=1", "train.val_every=2",
@@ -51,16 +52,18 @@ def _records(run_dir, kind):
     return [record for record in map(json.loads, lines) if record["kind"] == kind]
 
 
-@pytest.mark.parametrize("ranks", [2, 1])
-def test_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, ranks):
-    """2 ranks x 1 micro-batch of 2 = 1 rank x 2 micro-batches of 2: same samples, same t, same update.
-    torchrun with one rank joins a process group and trains through DDP too, with the same result."""
+@pytest.mark.parametrize("ranks, extra", [(2, []), (1, []), (2, ["repa.teacher=efficientnet-lite0"])],
+                         ids=["2-ranks", "1-rank", "2-ranks-repa"])
+def test_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, ranks, extra):
+    """2 ranks x 1 micro-batch of 2 = 1 rank x 2 micro-batches of 2: same samples, same t, same update
+    (with REPA, of the projector too). torchrun with one rank joins a process group and trains through
+    DDP too, with the same result."""
     one, two = tmp_path / "one", tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     for launcher, run_dir, accumulation in (([sys.executable], one, 2), (torchrun, two, 2 // ranks)):
         launched = subprocess.run(
             [*launcher, "-m", "flowseg.cli", "train", "shapes", *RUN, f"train.grad_accum={accumulation}",
-             f"train.out_dir={run_dir}"],
+             f"train.out_dir={run_dir}", *extra],
             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
         assert launched.returncode == 0, launched.stderr[-3000:]
     assert "cpu x 1 rank(s) from" in (one / "train.log").read_text()
@@ -71,6 +74,10 @@ def test_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, r
         assert expected.keys() == actual.keys()
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)  # measured: 0.0
+    if extra:
+        expected, actual = (load_train_state(latest_checkpoint(run))[REPA_STATE] for run in (one, two))
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
     losses_one = [r["loss"] for r in _records(one, "train")]
     losses_two = [r["loss"] for r in _records(two, "train")]
     assert losses_two == pytest.approx(losses_one, rel=1e-6)

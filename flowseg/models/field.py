@@ -11,7 +11,8 @@
     tokens  optional token head (token_classes = N): z_l = W_tok s_L,l, N class logits per patch token,
             trained by an auxiliary loss (losses.token_classification_loss) and unused when sampling
 
-Both networks return a FieldOutput: the per-pixel output and, with a token head, the token logits.
+Both networks return a FieldOutput: the per-pixel output and, with a token head, the token logits
+(and, when asked, the tokens of one trunk block, which REPA aligns: flowseg/repa.py).
 
 query_scale = qs: the inputs come at the query resolution (H, W). The trunk sees them area-downsampled
 by qs, so each token covers a (p qs) x (p qs) block of query pixels; the field decoder evaluates every
@@ -224,6 +225,7 @@ class FieldOutput:
     """What a forward pass returns."""
     out: Tensor                  # (B, c_out, H, W): v (or x1_hat) of the flow model, the twin's N logits
     token_logits: Tensor | None  # (B, L, N) from the token head, tokens in row-major patch order; None without one
+    block_tokens: Tensor | None = None  # (B, L, C) the tokens after trunk block `expose_block` when asked (REPA)
 
 
 def _check_image_like(name: str, x: object, channels: int, batch: int | None = None) -> None:
@@ -266,9 +268,13 @@ class FieldTransformerBase(nn.Module):
             self.token_head = nn.Linear(width, token_classes)
             init_linear_xavier(self.token_head)
 
-    def forward_field(self, inputs: Tensor, t: Tensor, query_scale: int = 1) -> FieldOutput:
+    def forward_field(self, inputs: Tensor, t: Tensor, query_scale: int = 1,
+                      expose_block: int | None = None) -> FieldOutput:
         """u (B, c_in, H, W), t (B,) -> out (B, c_out, H, W) and, with a token head, the token logits
-        (B, L, N), L = grid_h * grid_w; see the module docstring for query_scale."""
+        (B, L, N), L = grid_h * grid_w; see the module docstring for query_scale. expose_block = k also
+        returns s_k, the tokens after the first k trunk blocks."""
+        if expose_block is not None and not 1 <= expose_block <= len(self.trunk):
+            raise ValueError(f"expose_block must be in 1..{len(self.trunk)} (the trunk's blocks), got {expose_block!r}")
         if isinstance(query_scale, bool) or not isinstance(query_scale, int) or query_scale < 1:
             raise ValueError(f"query_scale must be an integer >= 1, got {query_scale!r}")
         batch, _, height, width = inputs.shape
@@ -285,15 +291,17 @@ class FieldTransformerBase(nn.Module):
         condition = F.silu(time + self.null_embedding)  # (B, C)
         head_dim = self.size.width // self.size.heads
         rope = tuple(a.to(tokens.dtype) for a in rope_2d_angles(grid_h, grid_w, head_dim, device=inputs.device))
-        for block in self.trunk:
+        exposed = None
+        for index, block in enumerate(self.trunk, 1):
             tokens = block(tokens, condition, rope)
+            exposed = tokens if index == expose_block else exposed
         token_logits = self.token_head(tokens) if self.token_head is not None else None  # (B, L, N)
         # the field's weights come from the token; adding e_t lets them depend on t directly too
         tokens = F.silu(tokens + time[:, None])  # (B, L, C)
         pixels = patchify(inputs, side).transpose(-1, -2)  # (B, L, Q, c_in)
         out = self.field(tokens.flatten(0, 1), pixels.flatten(0, 1))  # (M, Q, c_out)
         out = unpatchify(out.view(batch, grid_h * grid_w, *out.shape[1:]), grid_h, grid_w)  # (B, c_out, H, W)
-        return FieldOutput(out, token_logits)
+        return FieldOutput(out, token_logits, exposed)
 
 
 class PixelFieldTransformer(FieldTransformerBase):
@@ -311,7 +319,8 @@ class PixelFieldTransformer(FieldTransformerBase):
         self.dim = dim
         self.image_conditioning = image_conditioning
 
-    def forward(self, x_t: Tensor, t: Tensor, image: Tensor | None = None, query_scale: int = 1) -> FieldOutput:
+    def forward(self, x_t: Tensor, t: Tensor, image: Tensor | None = None, query_scale: int = 1,
+                expose_block: int | None = None) -> FieldOutput:
         _check_image_like("x_t", x_t, self.dim)
         batch = x_t.shape[0]
         if not isinstance(t, Tensor):
@@ -330,7 +339,7 @@ class PixelFieldTransformer(FieldTransformerBase):
                     f"image {tuple(image.shape[2:])} and x_t {tuple(x_t.shape[2:])} must have the same H, W"
                 )
             inputs = torch.cat([x_t, image.to(x_t.dtype)], dim=1)  # (B, d + 3, H, W)
-        return self.forward_field(inputs, t, query_scale)
+        return self.forward_field(inputs, t, query_scale, expose_block)
 
 
 class DiscriminativeFieldTransformer(FieldTransformerBase):
@@ -347,10 +356,10 @@ class DiscriminativeFieldTransformer(FieldTransformerBase):
         super().__init__(size, IMAGE_CHANNELS, num_classes, token_classes, stem)
         self.num_classes = num_classes
 
-    def forward(self, image: Tensor, query_scale: int = 1) -> FieldOutput:
+    def forward(self, image: Tensor, query_scale: int = 1, expose_block: int | None = None) -> FieldOutput:
         _check_image_like("image", image, IMAGE_CHANNELS)
         t = torch.zeros(image.shape[0], device=image.device)
-        return self.forward_field(image, t, query_scale)
+        return self.forward_field(image, t, query_scale, expose_block)
 
 
 def build_model(
