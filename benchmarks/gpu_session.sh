@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1
 log() { echo "== $(date -u +%T) $*"; }
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; } > "$OUT/machine.txt" 2>&1
 log "gpu_check"
-timeout 270 python3 benchmarks/gpu_check.py --out "$OUT" 2>&1 | grep -v -E "^USDT|profiler_st"
+timeout 250 python3 benchmarks/gpu_check.py --out "$OUT" 2>&1 | grep -v -E "^USDT|profiler_st"
 log "slide"
 for size in T/8 L/16; do
   timeout 40 python3 benchmarks/bench_slide.py --device cuda --precision bf16 --size "$size" --window 512 \
@@ -28,7 +28,7 @@ for size in T/8 L/16; do
 done
 log "sweep"
 SWEEP=/tmp/sweep
-timeout 230 python3 -m experiments.convergence_sweep --out $SWEEP --device cuda --steps 1200 --val-every 100 \
+timeout 220 python3 -m experiments.convergence_sweep --out $SWEEP --device cuda --steps 1200 --val-every 100 \
   --test-images 500 --seeds 0 1 2 --workers 10 --variants vanilla reshaped clip0.5 repa
 python3 -m experiments.convergence_sweep --out $SWEEP --seeds 0 1 2 --summary-only 2>&1 | grep -v Warning
 tar czf "$OUT/sweep.tgz" --exclude checkpoints -C /tmp sweep
