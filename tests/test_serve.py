@@ -12,8 +12,8 @@ from flowseg.build import load_segmenter
 from flowseg.encoding import IGNORE_INDEX
 from flowseg.serve import views
 from flowseg.serve.page import Picture, Viewer
-from flowseg.serve.views import (Settings, UploadError, View, ViewerModel, changes_picture, class_shares,
-                                 frame_caption, legend_html, read_upload, trajectory_scale, write_downloads)
+from flowseg.serve.views import (Settings, UploadError, View, ViewerModel, changes_picture, changes_summary,
+                                 class_shares, frame_caption, legend_html, read_upload, trajectory_scale, write_downloads)
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +111,20 @@ def test_legend_lists_the_present_classes_by_share_with_the_palette():
 
 
 def test_frames_captions_and_the_changes_picture():
-    frames = np.array([[[0, 0]], [[1, 0]], [[0, 0]]])  # pixel 0 changes class twice, pixel 1 never
-    view = View(frames[-1], np.ones((1, 2), np.float32), frames, 0.0)
+    # pixel 0 changes class three times, pixel 1 twice, pixel 2 once
+    frames = np.array([[[1, 1, 1]], [[0, 0, 0]], [[1, 1, 0]], [[0, 1, 0]], [[0, 1, 0]]])
+    view = View(frames[-1], np.ones((1, 3), np.float32), frames, 0.0)
     palette = np.array([[100, 0, 0], [0, 100, 0]], dtype=np.uint8)
-    assert frame_caption(view, 0).startswith("x_t at t = 0/2 = 0.00: the image's colours")
-    assert frame_caption(view, 1) == "x_t at t = 1/2 = 0.50: step 1 changed the class of 50.0% of the pixels"
+    assert frame_caption(view, 0).startswith("x_t at t = 0/4 = 0.00: the image's colours")
+    assert frame_caption(view, 3) == "x_t at t = 3/4 = 0.75: step 3 changed the class of 33.3% of the pixels"
+    assert view.changes.tolist() == [[3, 2, 1]]
+    assert changes_summary(view) == ("from x_0 to x_1, 100.0% of the pixels changed class, 66.7% more than once "
+                                     "(at most 3 times)")
     picture = changes_picture(view, palette)
-    assert picture[0, 0].tolist() == [255, 255, 255] and picture[0, 1].tolist() == [35, 0, 0]
+    # weights 1, 2/3, 1/3 towards white over 0.35 x the final colours (0, 100, 0), (0, 100, 0), (100, 0, 0)
+    assert picture[0].tolist() == [[255, 255, 255], [170, 182, 170], [108, 85, 85]]
+    still = View(frames[0], np.ones((1, 3), np.float32), frames[:1].repeat(2, axis=0), 0.0)
+    assert still.changes.tolist() == [[0, 0, 0]] and changes_picture(still, palette)[0, 0].tolist() == [0, 35, 0]
 
 
 def test_downloads_are_the_indexed_label_png_and_the_overlay(tmp_path):
@@ -141,13 +148,18 @@ def test_the_pages_handlers_answer_for_every_model_and_say_what_went_wrong(model
     line, answers = viewer.run(picture, Settings(steps=2))
     assert line.startswith("my photo.png, 14 x 10: model 1: ") and "model 2: " in line
     for index, (model, outputs) in enumerate(zip(models, answers)):
-        labels, overlay_picture, confidence, legend, last, frame, caption, *_, view, labels_png, overlay_png = outputs
+        labels, overlay_picture, confidence, legend, view, labels_png, overlay_png = outputs
         assert labels.shape == overlay_picture.shape == confidence.shape == (10, 14, 3)
         colours = {tuple(colour) for colour in labels.reshape(-1, 3)}
         assert colours <= {tuple(colour) for colour in model.palette}
         assert labels_png.endswith(f"my_photo_model{index + 1}_labels.png") and overlay_png.endswith("_overlay.png")
-        assert last == (2 if model.is_flow else 0)
-    first_frame, caption = viewer.frame(0, answers[0][-3], 0)
+        last, frame, caption, changes, summary = viewer.trajectory(view, index)
+        if model.is_flow:
+            assert last == 2 and np.array_equal(frame, labels) and caption.startswith("x_t at t = 2/2")
+            assert changes.shape == (10, 14, 3) and summary.startswith("from x_0 to x_1")
+        else:
+            assert (last, frame, changes) == (0, None, None) and "no trajectory" in caption
+    first_frame, caption = viewer.frame(0, answers[0][4], 0)
     assert first_frame.shape == (10, 14, 3) and "t = 0/2" in caption
     with pytest.raises(ValueError, match="upload an image or pick an example first"):
         viewer.run(None, Settings())

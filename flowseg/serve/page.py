@@ -39,7 +39,6 @@ CSS = """
 .legend .swatch { display: inline-block; width: 1em; height: 1em; border: 1px solid #888; }
 .legend td, .legend th { padding: 1px 6px; }
 """
-SLIDER = 4  # the trajectory slider's place in a model's outputs (Viewer.outputs, Column.outputs)
 
 
 @dataclass
@@ -81,18 +80,20 @@ class Viewer:
         raise ValueError(f"no example named {name!r}")
 
     def run(self, picture: Picture | None, settings: Settings) -> tuple[str, list[tuple[Any, ...]]]:
-        """(status line, each model's outputs) for a picture at settings."""
+        """(status line, each model's answer) for a picture at settings. The page sends these first
+        and the trajectories after them (Viewer.trajectory), so that the masks appear sooner."""
         if picture is None:
             raise ValueError("upload an image or pick an example first")
         answers, timings = [], []
         for index, model in enumerate(self.models):
             view = model.view(picture.rgb, settings)
-            answers.append(self.outputs(model, index, picture, view))
+            answers.append(self.answer(model, index, picture, view))
             timings.append(f"model {index + 1}: {view.seconds:.2f} s")
         height, width = picture.rgb.shape[:2]
         return f"{picture.name}, {width} x {height}: {'; '.join(timings)}", answers
 
-    def outputs(self, model: ViewerModel, index: int, picture: Picture, view: View) -> tuple[Any, ...]:
+    def answer(self, model: ViewerModel, index: int, picture: Picture, view: View) -> tuple[Any, ...]:
+        """Label map, overlay, confidence map, legend, the view itself and the two download files."""
         palette = model.palette
         folder = Path(tempfile.mkdtemp(dir=self.downloads))  # one per answer: a download is never replaced
         labels_png, overlay_png = write_downloads(view, picture.rgb, palette, folder,
@@ -100,13 +101,17 @@ class Viewer:
         pictures = (colorize(view.labels, palette), overlay(image_to_tensor(picture.rgb), view.labels, palette),
                     confidence_image(view.confidence, 1.0 / len(model.class_names)))
         legend = legend_html(view.labels, model.class_names, palette)
+        return (*pictures, legend, view, str(labels_png), str(overlay_png))
+
+    def trajectory(self, view: View | None, model_index: int) -> tuple[Any, ...]:
+        """The last step's index, its frame and caption, the changes picture and its summary."""
+        if view is None:
+            return 0, None, "", None, ""
         if view.frames is None:
-            trajectory = (0, None, "the discriminative twin answers in one pass: it has no trajectory", None, "")
-        else:
-            last = len(view.frames) - 1
-            trajectory = (last, colorize(view.frames[last], palette), frame_caption(view, last),
-                          changes_picture(view, palette), changes_summary(view))
-        return (*pictures, legend, *trajectory, view, str(labels_png), str(overlay_png))
+            return 0, None, "the discriminative twin answers in one pass: it has no trajectory", None, ""
+        palette, last = self.models[model_index].palette, len(view.frames) - 1
+        return (last, colorize(view.frames[last], palette), frame_caption(view, last),
+                changes_picture(view, palette), changes_summary(view))
 
     def frame(self, index: int, view: View | None, model_index: int) -> tuple[Any, str]:
         """Frame `index` of a view's trajectory and its caption."""
@@ -118,24 +123,28 @@ class Viewer:
 
 @dataclass
 class Column:
-    """One model's widgets, in the order of Viewer.outputs."""
+    """One model's widgets: those of Viewer.answer, then those of Viewer.trajectory."""
     labels: Any
     overlay: Any
     confidence: Any
     legend: Any
+    view: Any
+    labels_png: Any
+    overlay_png: Any
     slider: Any
     frame: Any
     caption: Any
     changes: Any
     changes_text: Any
-    view: Any
-    labels_png: Any
-    overlay_png: Any
 
     @property
-    def outputs(self) -> list[Any]:
-        return [self.labels, self.overlay, self.confidence, self.legend, self.slider, self.frame, self.caption,
-                self.changes, self.changes_text, self.view, self.labels_png, self.overlay_png]
+    def answer(self) -> list[Any]:
+        return [self.labels, self.overlay, self.confidence, self.legend, self.view, self.labels_png,
+                self.overlay_png]
+
+    @property
+    def trajectory(self) -> list[Any]:
+        return [self.slider, self.frame, self.caption, self.changes, self.changes_text]
 
 
 def _model_column(gr, index: int, model: ViewerModel) -> Column:
@@ -160,8 +169,8 @@ def _model_column(gr, index: int, model: ViewerModel) -> Column:
     with gr.Row():
         labels_png = gr.DownloadButton("label PNG", elem_id=f"download-labels-{tag}")
         overlay_png = gr.DownloadButton("overlay PNG", elem_id=f"download-overlay-{tag}")
-    return Column(labels, overlay_image, confidence, legend, slider, frame, caption, changes, changes_text,
-                  gr.State(None), labels_png, overlay_png)
+    return Column(labels, overlay_image, confidence, legend, gr.State(None), labels_png, overlay_png, slider, frame,
+                  caption, changes, changes_text)
 
 
 def build_page(viewer: Viewer):
@@ -194,7 +203,7 @@ def build_page(viewer: Viewer):
                 with gr.Column(scale=2):
                     columns.append(_model_column(gr, index, model))
         settings = [sampler, steps, shifts, query_scale]
-        outputs = [status, picture, preview] + [output for column in columns for output in column.outputs]
+        outputs = [status, picture] + [output for column in columns for output in column.answer]
         keep = (gr.skip(),) * (len(outputs) - 1)
 
         def answer(new_picture, *values):
@@ -203,13 +212,15 @@ def build_page(viewer: Viewer):
                                                                  int(values[3])))
             except (ValueError, OSError, RuntimeError) as error:  # bad settings, a failed run: said in the page
                 return (f"**error:** {error}", *keep)
-            return (line, new_picture, new_picture.rgb, *[value for values in answers for value in slid(values)])
+            return (line, new_picture, *[value for values in answers for value in values])
 
-        def slid(values):
-            """A model's outputs with its frame index turned into the slider's new range and position."""
-            last = values[SLIDER]
-            slider = gr.Slider(maximum=max(1, last), value=last, interactive=last > 0)
-            return (*values[:SLIDER], slider, *values[SLIDER + 1:])
+        def trajectories(shown, *views):
+            """The image and each model's trajectory, sent after the masks."""
+            answers = []
+            for index, view in enumerate(views):
+                last, *rest = viewer.trajectory(view, index)
+                answers += [gr.Slider(maximum=max(1, last), value=last, interactive=last > 0), *rest]
+            return (None if shown is None else shown.rgb, *answers)
 
         def on_upload(path, *values):
             if path is None:
@@ -224,9 +235,11 @@ def build_page(viewer: Viewer):
             return answer(viewer.example(name), *values) if name else (gr.skip(), *keep)
 
         heavy = {"outputs": outputs, "concurrency_id": "model"}  # one model run at a time
-        upload.upload(on_upload, [upload, *settings], **heavy)
-        example.input(on_example, [example, *settings], **heavy)
-        button.click(answer, [picture, *settings], **heavy)
+        follow = ([picture, *[column.view for column in columns]],
+                  [preview, *[output for column in columns for output in column.trajectory]])
+        upload.upload(on_upload, [upload, *settings], **heavy).then(trajectories, *follow)
+        example.input(on_example, [example, *settings], **heavy).then(trajectories, *follow)
+        button.click(answer, [picture, *settings], **heavy).then(trajectories, *follow)
         for index, column in enumerate(columns):
             column.slider.input(lambda i, view, index=index: viewer.frame(i, view, index),
                                 [column.slider, column.view], [column.frame, column.caption],

@@ -105,7 +105,9 @@ class View:
 
     @property
     def changes(self) -> np.ndarray | None:
-        """(h, w) int64: how many steps changed each pixel's class on the way from x_0 to x_1."""
+        """(h, w) int64: how many steps changed each pixel's class on the way from x_0 to x_1. On the
+        straight path from the image to the mask most pixels change once; 0 is a pixel whose colour
+        already decodes to its class, 2 or more one that passed through other classes."""
         if self.frames is None:
             return None
         return (self.frames[1:] != self.frames[:-1]).sum(axis=0)
@@ -221,7 +223,7 @@ def frame_caption(view: View, index: int) -> str:
 
 def changes_picture(view: View, palette: np.ndarray) -> np.ndarray:
     """(h, w, 3) uint8: the final labels' colours, dimmed, with every pixel whose class changed on the
-    way from x_0 to x_1 brightened towards white in proportion to its number of changes."""
+    way (View.changes) brightened towards white in proportion to its number of changes."""
     changes = view.changes.astype(np.float32)
     weight = (changes / max(1.0, float(changes.max())))[..., None] * (changes[..., None] > 0)  # (h, w, 1)
     dimmed = 0.35 * colorize(view.frames[-1], palette).astype(np.float32)
@@ -230,8 +232,8 @@ def changes_picture(view: View, palette: np.ndarray) -> np.ndarray:
 
 def changes_summary(view: View) -> str:
     changes = view.changes
-    return (f"{100 * (changes > 0).mean():.1f}% of the pixels changed class on the way from x_0 to x_1 "
-            f"(at most {int(changes.max())} times)")
+    return (f"from x_0 to x_1, {100 * (changes > 0).mean():.1f}% of the pixels changed class, "
+            f"{100 * (changes > 1).mean():.1f}% more than once (at most {int(changes.max())} times)")
 
 
 def write_downloads(view: View, rgb: np.ndarray, palette: np.ndarray, folder: Path, stem: str) -> tuple[Path, Path]:
