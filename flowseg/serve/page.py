@@ -14,6 +14,7 @@ status line, and the server goes on.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import tempfile
@@ -232,7 +233,13 @@ def build_page(viewer: Viewer):
             return answer(new_picture, *values)
 
         def on_example(name, *values):
-            return answer(viewer.example(name), *values) if name else (gr.skip(), *keep)
+            if not name:
+                return (gr.skip(), *keep)
+            try:
+                new_picture = viewer.example(name)
+            except ValueError as error:  # a name not offered (sent through the API)
+                return (f"**error:** {error}", *keep)
+            return answer(new_picture, *values)
 
         heavy = {"outputs": outputs, "concurrency_id": "model"}  # one model run at a time
         follow = ([picture, *[column.view for column in columns]],
@@ -250,7 +257,7 @@ def build_page(viewer: Viewer):
 def start(viewer: Viewer, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True):
     """Launch the page on host:port; with block=False return (page, url) with the server running."""
     page = build_page(viewer)
-    _, url, _ = page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
+    _, url, _ = page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True,
                             max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, share=False, show_error=False,
                             css=CSS, footer_links=[])
     return page, url
@@ -260,10 +267,8 @@ def serve(checkpoints: Sequence[str | Path], host: str = DEFAULT_HOST, port: int
           overrides: Sequence[str] = ()) -> None:
     """Load every checkpoint once (`overrides` adjust their saved configs, as in eval) and serve the
     page until interrupted."""
-    try:
-        import gradio  # noqa: F401  (only to say what is missing before the models load)
-    except ImportError:
-        raise ValueError(GRADIO_HINT) from None
+    if importlib.util.find_spec("gradio") is None:  # said before the models load
+        raise ValueError(GRADIO_HINT)
     if not checkpoints:
         raise ValueError("give at least one checkpoint (or run folder) to serve")
     models = [ViewerModel.load(checkpoint, overrides) for checkpoint in checkpoints]
