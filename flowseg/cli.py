@@ -4,6 +4,7 @@
     flowseg eval CHECKPOINT [--out DIR] [section.key=value ...]
     flowseg predict CHECKPOINT INPUT... --out DIR [--overwrite] [section.key=value ...]
     flowseg demo [--out DIR] [--minutes M] [--twin] [section.key=value ...]
+    flowseg serve CHECKPOINT [CHECKPOINT ...] [--host H] [--port P] [section.key=value ...]
 
 The section.key=value config overrides may stand anywhere on the line: they are taken out of the
 arguments before argparse sees the rest (argparse cannot interleave positionals with a command's options).
@@ -74,6 +75,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from flowseg.serve.page import serve
+
+    serve(args.checkpoints, host=args.host, port=args.port, overrides=args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowseg", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"flowseg {__version__}")
@@ -111,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--minutes", type=float, default=None, help="wall-clock budget for the whole demo")
     demo.add_argument("--twin", action="store_true", help="train the discriminative twin instead of the flow model")
     demo.set_defaults(handler=_demo)
+
+    viewer = command("serve", "CHECKPOINT [CHECKPOINT ...] [--host H] [--port P]",
+                     "a local web page that shows the models at work on an image (several: side by side)")
+    viewer.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="checkpoint folders or run folders (newest checkpoint)")
+    viewer.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    viewer.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    viewer.set_defaults(handler=_serve)
     return parser
 
 

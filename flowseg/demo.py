@@ -16,6 +16,7 @@ config) ends it earlier on a fast machine.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,4 +96,5 @@ def run_demo(out_dir: str | Path | None = None, minutes: float | None = None, tw
           f"{training.step} steps ({training.elapsed_seconds / 60:.1f} min training, stopped by the "
           f"{training.stopped_by} budget); demo wall time {wall / 60:.1f} min")
     print(f"wrote {out_dir}/: run/, test/result.json, predictions/, predictions.png, training_curve.png")
+    print(f"see it at work in a web page: flowseg serve {shlex.quote(str(training.run_dir))}")
     return DemoReport(out_dir, training, test, wall)

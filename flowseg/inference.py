@@ -80,19 +80,20 @@ class Segmenter:
     def is_flow(self) -> bool:
         return self.encoding is not None
 
-    def _probabilities_at(self, image: Tensor, steps: int) -> Tensor:
+    def _probabilities_at(self, image: Tensor, steps: int, every_step: bool) -> Tensor:
         """p (B, N, H, W) for an image whose sides are multiples of patch_size * query_scale, averaged
-        over the eval.grid_shifts^2 offsets of the patch grid (module docstring)."""
+        over the eval.grid_shifts^2 offsets of the patch grid (module docstring); every_step: p of
+        every state x_0..x_S, (B (S+1), N, H, W) image-major."""
         shifts = self.config.eval.grid_shifts
         if shifts == 1:
-            return self._one_pass(image, steps)
+            return self._one_pass(image, steps, every_step)
         unit = self.patch * self.config.eval.query_scale
         height, width = image.shape[-2:]
         offsets = [i * unit // shifts for i in range(shifts)]
         total = counts = None
         for dy in offsets:
             for dx in offsets:
-                p = self._one_pass(torch.roll(image, (dy, dx), dims=(-2, -1)), steps)
+                p = self._one_pass(torch.roll(image, (dy, dx), dims=(-2, -1)), steps, every_step)
                 p = torch.roll(p, (-dy, -dx), dims=(-2, -1))  # back to the image's pixels
                 # the rolled image's first patch row/column holds the seam: rows [0, u - dy) and
                 # [H - dy, H) of the image (likewise for columns) are decoded from a patch mixing both ends
@@ -105,7 +106,7 @@ class Segmenter:
                 counts = weight if counts is None else counts + weight
         return total / counts
 
-    def _one_pass(self, image: Tensor, steps: int) -> Tensor:
+    def _one_pass(self, image: Tensor, steps: int, every_step: bool) -> Tensor:
         scale = self.config.eval.query_scale
         with autocast(self.device, self.config.eval.precision):
             if not self.is_flow:
@@ -115,18 +116,21 @@ class Segmenter:
                 return self.model(x, t, img, query_scale=scale).out.float()
 
             sample = integrate(velocity, image_to_x0(image, self.encoding.dim), image, steps,
-                               self.config.eval.sampler)
+                               self.config.eval.sampler, return_trajectory=every_step)
+        # (S+1, B, d, H, W) -> (B (S+1), d, H, W): each image's states side by side, so the shifts,
+        # resizing and windows below treat them as a batch
+        states = sample.trajectory.transpose(0, 1).flatten(0, 1) if every_step else sample.x1
         objective = self.config.objective
-        return self.encoding.soft_assign(sample.x1, objective.tau, objective.eps, objective.transform)
+        return self.encoding.soft_assign(states, objective.tau, objective.eps, objective.transform)
 
-    def _resized(self, image: Tensor, steps: int) -> Tensor:
+    def _resized(self, image: Tensor, steps: int, every_step: bool) -> Tensor:
         height, width = image.shape[-2:]
         ratio = self.config.data.image_size / min(height, width)
         scale = self.config.eval.query_scale
         size = tuple(max(1, round(side * ratio / self.patch)) * self.patch * scale for side in (height, width))
         resized = image if size == (height, width) else \
             F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-        probabilities = self._probabilities_at(resized, steps)
+        probabilities = self._probabilities_at(resized, steps, every_step)
         if size == (height, width):
             return probabilities
         return F.interpolate(probabilities, size=(height, width), mode="bilinear", align_corners=False)
@@ -136,12 +140,12 @@ class Segmenter:
         pad_h, pad_w = (-height) % multiple_h, (-width) % multiple_w
         return F.pad(image, (0, pad_w, 0, pad_h)) if pad_h or pad_w else image
 
-    def _whole(self, image: Tensor, steps: int) -> Tensor:
+    def _whole(self, image: Tensor, steps: int, every_step: bool) -> Tensor:
         unit = self.patch * self.config.eval.query_scale
         height, width = image.shape[-2:]
-        return self._probabilities_at(self._padded(image, unit, unit), steps)[..., :height, :width]
+        return self._probabilities_at(self._padded(image, unit, unit), steps, every_step)[..., :height, :width]
 
-    def _sliding(self, image: Tensor, steps: int) -> Tensor:
+    def _sliding(self, image: Tensor, steps: int, every_step: bool) -> Tensor:
         window = self.config.eval.window or self.config.data.image_size * self.config.eval.query_scale
         unit = self.patch * self.config.eval.query_scale
         if window % unit:
@@ -162,24 +166,32 @@ class Segmenter:
             for start in range(0, len(corners), per_forward):
                 group = corners[start:start + per_forward]
                 crops = torch.cat([padded[..., top:top + window, left:left + window] for top, left in group])
-                p = self._probabilities_at(crops, steps)  # (len(group) * B, N, window, window), window-major
+                p = self._probabilities_at(crops, steps, every_step)  # (len(group) * R, N, window, window)
+                rows = p.shape[0] // len(group)  # R: B, or B (S+1) with every_step; window-major
                 if total is None:
-                    total = p.new_zeros(batch, p.shape[1], full_h, full_w)
+                    total = p.new_zeros(rows, p.shape[1], full_h, full_w)
                     counts = p.new_zeros(1, 1, full_h, full_w)
-                for (top, left), p_window in zip(group, p.split(batch)):
+                for (top, left), p_window in zip(group, p.split(rows)):
                     total[..., top:top + window, left:left + window] += p_window
                     counts[..., top:top + window, left:left + window] += 1
                 bar.update(len(group))
         return total.div_(counts)[..., :height, :width]  # in place: no second copy of the output
 
     @torch.no_grad()
-    def probabilities(self, image: Tensor, steps: int | None = None) -> Tensor:
-        """image (B, 3, H, W) in [-1, 1] -> p (B, N, H, W) by the configured inference mode."""
+    def probabilities(self, image: Tensor, steps: int | None = None, every_step: bool = False) -> Tensor:
+        """image (B, 3, H, W) in [-1, 1] -> p (B, N, H, W) by the configured inference mode.
+
+        every_step (flow models): p_k = softmax_k(T(||x_{t_i} - mu_k||^2) / tau) of every state of the
+        integration, t_i = i / S for i = 0..S, each through the same shifts, resizing and windows as the
+        answer: (B, S+1, N, H, W), whose last state is the answer p. It holds S+1 times the memory."""
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"image must have shape (B, 3, H, W), got {tuple(image.shape)}")
+        if every_step and not self.is_flow:
+            raise ValueError("every_step needs a flow model: the discriminative twin has no states x_t")
         steps = self.config.eval.steps if steps is None else steps
         mode = {"resize": self._resized, "whole": self._whole, "slide": self._sliding}[self.config.eval.inference]
-        return mode(image.to(self.device), steps)
+        p = mode(image.to(self.device), steps, every_step)
+        return p.unflatten(0, (image.shape[0], steps + 1)) if every_step else p
 
     def predict(self, image: Tensor, steps: int | None = None) -> Prediction:
         confidence, labels = self.probabilities(image, steps).max(dim=1)

@@ -107,6 +107,7 @@ def test_demo_writes_every_promised_file_and_refuses_a_used_folder(tmp_path, cap
     code, out, _ = run_cli(capsys, *argv)
     assert code == 0 and "mnist-seg test mIoU" in out and "after 2 steps" in out
     demo = tmp_path / "demo"
+    assert out.rstrip().endswith(f"flowseg serve {demo / 'run'}")  # the viewer's command closes the output
     result = json.loads((demo / "test" / "result.json").read_text())
     assert result["images"] == 8 and 0.0 <= result["results"][0]["miou"] <= 1.0
     assert [p.name for p in list_checkpoints(demo / "run")] == ["step_00000002"]

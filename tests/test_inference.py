@@ -12,6 +12,7 @@ from flowseg.build import build_network
 from flowseg.config import load_config
 from flowseg.encoding import IGNORE_INDEX
 from flowseg.inference import Segmenter
+from flowseg.models import FieldOutput
 from oracles import NUM_CLASSES, CornerTwin, make_labels, oracle_segmenter, paint
 
 
@@ -155,3 +156,45 @@ def test_the_precision_comes_from_the_eval_section_not_the_train_section():
     asked_for_bf16 = oracle_segmenter((0, 1, 2, 3), False, "eval.inference=whole", "eval.precision=bf16")
     with pytest.raises(ValueError, match="precision='bf16' needs a CUDA device"):
         asked_for_bf16.predict(image, steps=1)
+
+
+class FrozenAfter(torch.nn.Module):
+    """A flow network whose velocity is zero from t = `stop` on: Euler's x_S is then its x at `stop`."""
+
+    def __init__(self, network, stop):
+        super().__init__()
+        self.network, self.stop, self.size = network, stop, network.size
+
+    def forward(self, x, t, image, query_scale=1):
+        out = self.network(x, t, image, query_scale=query_scale)
+        return FieldOutput(out.out * (t < self.stop - 1e-6).view(-1, 1, 1, 1), out.token_logits)
+
+
+@pytest.mark.parametrize("mode,shifts", [("resize", 2), ("whole", 1), ("slide", 2)])
+def test_every_step_gives_the_answer_of_the_integration_stopped_at_each_step(mode, shifts):
+    # the reference for state i: the same network frozen from t_i = i / S on, so Euler's end point is x_{t_i};
+    # two images of 20 x 28 check that the states stay with their image through shifts, resizing and windows
+    overrides = ["model.size=T/8", "data.image_size=16", f"eval.inference={mode}", "eval.window=16",
+                 "eval.stride=8", f"eval.grid_shifts={shifts}", "eval.batch_size=3"]
+    config = load_config("mnist-seg", overrides)
+    torch.manual_seed(0)
+    network, encoding = build_network(config, 11)
+    with torch.no_grad():  # an initialised field's output layer is zero: it would not move x at all
+        for parameter in network.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    image = torch.rand(2, 3, 20, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    steps = 3
+    states = Segmenter(network, encoding, config, torch.device("cpu")).probabilities(image, steps, every_step=True)
+    assert states.shape == (2, steps + 1, 11, 20, 28)
+    for i in range(steps + 1):
+        frozen = Segmenter(FrozenAfter(network, i / steps), encoding, config, torch.device("cpu"))
+        torch.testing.assert_close(states[:, i], frozen.probabilities(image, steps), rtol=1e-5, atol=1e-6)
+    plain = Segmenter(network, encoding, config, torch.device("cpu")).probabilities(image, steps)
+    torch.testing.assert_close(states[:, -1], plain, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(states[:, 0], states[:, -1])  # the flow does move the answer
+
+
+def test_every_step_needs_a_flow_model():
+    segmenter = oracle_segmenter((0, 1, 2, 3), True)
+    with pytest.raises(ValueError, match="every_step needs a flow model"):
+        segmenter.probabilities(paint(make_labels(count=1)[0])[None], every_step=True)
