@@ -231,6 +231,28 @@ def trunk_tokens(model: torch.nn.Module, inputs: torch.Tensor, t: torch.Tensor) 
     return tokens
 
 
+def trunk_figures(model: torch.nn.Module, inputs: torch.Tensor, t: torch.Tensor, plan: Plan, info: dict,
+                  forward: Callable = trunk_tokens) -> dict:
+    """Forward + backward time of the trunk (`forward`: trunk_tokens, or it compiled), its FLOPs as
+    FlopCounterMode counts them in the eager trunk, and their ratio to the bf16 peak: the trunk's MFU."""
+    def step() -> None:
+        with autocast(plan.device, plan.precision):
+            tokens = forward(model, inputs, t)
+        tokens.float().square().mean().backward()
+
+    seconds = median_seconds(step, plan.device, plan.warmup, plan.iters)
+    with FlopCounterMode(display=False) as counter:
+        with autocast(plan.device, plan.precision):
+            tokens = trunk_tokens(model, inputs, t)
+        tokens.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    achieved = counter.get_total_flops() / seconds / 1e12
+    peak, datasheet = info.get("matmul_tflops"), info.get("datasheet_bf16_tflops")
+    return {"trunk_forward_backward_ms": seconds * 1e3, "trunk_tflop": counter.get_total_flops() / 1e12,
+            "trunk_tflops_per_s": achieved, "trunk_mfu_measured_peak": achieved / peak if peak else None,
+            "trunk_mfu_datasheet": achieved / datasheet if datasheet else None}
+
+
 def train_case(plan: Plan, size: str, side: int, work: Path, info: dict) -> dict:
     batch = max(1, plan.pixels_per_batch // side**2)
     trainer = make_trainer(plan, size, side, batch, work / f"train-{size.replace('/', '_')}-{side}")
@@ -251,24 +273,10 @@ def train_case(plan: Plan, size: str, side: int, work: Path, info: dict) -> dict
             out = model(inputs[:, :dim], t, inputs[:, dim:]).out
         out.float().square().mean().backward()
 
-    def trunk() -> None:
-        with autocast(device, plan.precision):
-            tokens = trunk_tokens(model, inputs, t)
-        tokens.float().square().mean().backward()
-
     whole_s = median_seconds(whole, device, plan.warmup, plan.iters)
-    trunk_s = median_seconds(trunk, device, plan.warmup, plan.iters)
-    with FlopCounterMode(display=False) as counter:
-        trunk()
-    model.zero_grad(set_to_none=True)
-    trunk_flops = counter.get_total_flops()
-    peak = info.get("matmul_tflops")
-    result.update(forward_backward_ms=whole_s * 1e3, trunk_forward_backward_ms=trunk_s * 1e3,
-                  field_share=1 - trunk_s / whole_s, trunk_tflop=trunk_flops / 1e12,
-                  trunk_tflops_per_s=trunk_flops / trunk_s / 1e12)
-    result["trunk_mfu_measured_peak"] = result["trunk_tflops_per_s"] / peak if peak else None
-    datasheet = info.get("datasheet_bf16_tflops")
-    result["trunk_mfu_datasheet"] = result["trunk_tflops_per_s"] / datasheet if datasheet else None
+    trunk = trunk_figures(model, inputs, t, plan, info)
+    result.update(forward_backward_ms=whole_s * 1e3, field_share=1 - trunk["trunk_forward_backward_ms"] / 1e3 / whole_s,
+                  **trunk)
 
     config = replace(trainer.config, eval=replace(trainer.config.eval, inference="whole", grid_shifts=1))
     segmenter = Segmenter(trainer.ema.model, trainer.encoding, config, device)
@@ -284,7 +292,7 @@ def train_case(plan: Plan, size: str, side: int, work: Path, info: dict) -> dict
     return result
 
 
-def compile_case(plan: Plan, size: str, side: int, work: Path) -> dict:
+def compile_case(plan: Plan, size: str, side: int, work: Path, info: dict) -> dict:
     batch = max(1, plan.pixels_per_batch // side**2)
     result: dict = {"batch": batch}
     for compiled in (False, True):
@@ -299,6 +307,11 @@ def compile_case(plan: Plan, size: str, side: int, work: Path) -> dict:
         key = "compiled" if compiled else "eager"
         result[f"{key}_step_ms"], result[f"{key}_first_step_s"] = seconds * 1e3, first
         result[f"{key}_images_per_s"] = batch / seconds
+        model = trainer.model
+        inputs = torch.randn(batch, model.dim + 3, side, side, device=plan.device)
+        trunk = trunk_figures(model, inputs, torch.rand(batch, device=plan.device), plan, info,
+                              torch.compile(trunk_tokens) if compiled else trunk_tokens)
+        result.update({f"{key}_{name}": value for name, value in trunk.items()})
         del trainer
     result["speedup"] = result["eager_step_ms"] / result["compiled_step_ms"]
     return result
@@ -311,9 +324,10 @@ def ddp(plan: Plan, work: Path) -> dict:
                "-m", "flowseg.cli", "train", "shapes", f"train.out_dir={run_dir}", f"train.steps={plan.ddp_steps}",
                "train.val_samples=8", "train.progress=false", "train.tensorboard=false",
                f"train.device={plan.device.type}", "train.val_every=0", "train.ckpt_every=0"]
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # keep the caller's packages
     began = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": path})
     log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
     group = next((line.split("training ", 1)[1] for line in log.splitlines() if "process group" in line), None)
     return {"returncode": done.returncode, "seconds": time.perf_counter() - began, "group": group,
@@ -383,7 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
             run_part(results, "ddp", lambda: ddp(plan, work), path)
         if "compile" not in args.skip:  # last: compiling the largest size takes the longest
             for size, side in plan.compile_cases:
-                run_part(results, f"compile {size} {side}", lambda: compile_case(plan, size, side, work), path)
+                run_part(results, f"compile {size} {side}",
+                         lambda: compile_case(plan, size, side, work, results["machine"]), path)
     print_table(results)
     return results
 

@@ -25,7 +25,7 @@ def test_the_trunk_alone_computes_the_tokens_the_whole_network_feeds_its_field()
 
 
 def test_the_cpu_form_runs_every_part_and_reports_finite_figures(tmp_path):
-    results = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--skip", "compile", "ddp"])
+    results = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--tiny"])
     assert (tmp_path / "gpu_check.json").exists()
     failed = {name: part["error"] for name, part in results.items() if isinstance(part, dict) and "error" in part}
     assert not failed
@@ -38,3 +38,6 @@ def test_the_cpu_form_runs_every_part_and_reports_finite_figures(tmp_path):
     for key in ("train_images_per_s", "trunk_tflops_per_s", "infer_1_images_per_s", "infer_10_images_per_s"):
         assert math.isfinite(case[key]) and case[key] > 0
     assert case["train_peak_gib"] is None  # no device memory count on the CPU
+    assert results["ddp"]["returncode"] == 0 and "(gloo process group, DDP)" in results["ddp"]["group"]
+    compiled = results["compile T/8 32"]
+    assert compiled["compiled_step_ms"] > 0 and compiled["eager_step_ms"] > 0
