@@ -349,7 +349,7 @@ def fit_state_dict(module: nn.Module, state: dict[str, Tensor], source: str) -> 
         if unexpected:
             problems.append(f"{len(unexpected)} checkpoint weights unknown to the model, e.g. {unexpected[:3]}")
         raise ValueError(f"{source} does not fit this model ({'; '.join(problems)}); it was saved for "
-                         "another model size, encoding dimension or class count")
+                         "another model size, encoding dimension or class count, or by another version of flowseg")
     module.load_state_dict(state)
 
 
