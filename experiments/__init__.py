@@ -9,6 +9,10 @@ diagnostics.py  the two failure modes and the vector-field picture;  cost.py  th
 results.py  reading the result files, statistics over seeds;  verdicts.py  the paper's numbers and the
 rules judging its claims;  findings.py  what each experiment found;  figures.py + report.py +
 templates/results.md  the results page.
+
+convergence_sweep.py stands apart: objective variants (vanilla, reshaped, bounded, REPA) x datasets x seeds
+as `flowseg train` / `flowseg eval` processes side by side, e.g. on one GPU (benchmarks/gpu_session.sh),
+and their speed-ups over vanilla:  python -m experiments.convergence_sweep --out DIR [--device cuda]
 """
 
 from __future__ import annotations
