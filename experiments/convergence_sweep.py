@@ -34,7 +34,6 @@ VARIANTS = {
     "vanilla": ["objective.kind=vanilla"],
     "reshaped": ["objective.kind=reshaped"],
     "clip0.5": ["objective.kind=reshaped", "objective.correction_clip=0.5"],
-    "clip0.5-lam2": ["objective.kind=reshaped", "objective.correction_clip=0.5", "objective.lam=2.0"],
     "repa": ["objective.kind=reshaped", "repa.teacher=efficientnet-lite0"],
 }
 SWEEP = (1, 2, 5, 10)
@@ -144,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
+    if args.summary_only and not (args.out / "runs").is_dir():
+        parser.error(f"--summary-only: {args.out} holds no runs/ folder of a sweep")
     if not args.summary_only:
         args.out.mkdir(parents=True, exist_ok=True)
         jobs = [(d, v, s) for s in args.seeds for d in args.datasets for v in args.variants]
