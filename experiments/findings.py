@@ -85,9 +85,9 @@ def convergence(results: Results) -> Convergence:
 
 
 def bounded_correction(results: Results, curves: dict[str, Curves]) -> list[Cells]:
-    """The reshaped objective with its correction bounded (objective.correction_clip, not in the paper) at
-    the convergence budget on the ablation dataset, against vanilla and the reference run of the same
-    seeds: one row per bound; adds each bounded run's curves to `curves`."""
+    """The reshaped objective at the preset's other bounds on its correction (objective.correction_clip;
+    None: unbounded, the paper's target) at the convergence budget on the ablation dataset, against
+    vanilla and the reference run of the same seeds: one row per bound; adds each run's curves to `curves`."""
     preset = results.preset
     dataset = preset.ablation_dataset
     vanilla, reshaped = (results.by_seed("train", dataset, name, "convergence") for name in (VANILLA, REFERENCE))

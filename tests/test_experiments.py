@@ -344,7 +344,7 @@ def test_page_from_made_up_results_quotes_them_and_judges_each_claim(fake_pages)
         "partly: faster, by less than the paper's 2x |",
         "| mnist-seg: reshaped beats vanilla at equal steps | yes (ADE20K) | 10.0 ± 0.0 mIoU points (test: 10.0 ± 0.0) "
         "| agrees |",
-        "| reshaped, correction <= 0.5 |",
+        "| reshaped, unbounded correction |",
         # 2: the diverged run is named, the paper's number quoted
         "| 28.32 | seed 1 diverged at step 3 |",
         # 4: 1 step at 0.9 / 1.1 = 0.818 of 10 steps, outside the paper's 92% +- 5
@@ -407,9 +407,10 @@ PAPER_NETWORK = {"model.stem": "patch", "model.dim": None, "model.token_head": F
 def test_the_paper_recipe_is_the_demo_recipe_without_its_additions():
     demo, paper = (flat_settings(load_config(name)) for name in ("mnist-seg", "paper-mnist-seg"))
     assert {key: paper[key] for key in PAPER_NETWORK} == PAPER_NETWORK
-    # besides those, the sampler's step count (the paper's 10 Euler steps), the token loss's weight and
-    # the demo's noise-free path
-    demo_only = {"eval.steps", "objective.token_loss_weight", "objective.x0_noise", "objective.t_zero_fraction"}
+    # besides those, the sampler's step count (the paper's 10 Euler steps), the token loss's weight, the
+    # demo's noise-free path and its unbounded correction
+    demo_only = {"eval.steps", "objective.token_loss_weight", "objective.x0_noise", "objective.t_zero_fraction",
+                 "objective.correction_clip"}
     assert {key for key in demo if demo[key] != paper[key]} == set(PAPER_NETWORK) | demo_only
 
 
@@ -426,9 +427,9 @@ def test_every_run_measures_the_papers_network():
 
 def test_bounded_correction_runs_only_at_the_convergence_budget():
     micro = get_preset("micro")
-    bounded = [spec for spec in planned_runs(micro) if spec.variant.name == "correction_clip=0.5"]
+    bounded = [spec for spec in planned_runs(micro) if spec.variant.name == "correction_clip=None"]
     assert [(spec.dataset, spec.budget_name) for spec in bounded] == [(micro.ablation_dataset, "convergence")]
-    assert bounded[0].overrides()[-1] == "objective.correction_clip=0.5"
+    assert bounded[0].overrides()[-1] == "objective.correction_clip=null"
     unbounded = dataclasses.replace(micro, correction_clips=())
     assert len(planned_runs(unbounded)) == len(planned_runs(micro)) - 1
 
@@ -485,7 +486,7 @@ def test_micro_preset_writes_the_page_and_every_figure(micro_run):
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{name})" in text
     assert "torch " + torch.__version__ in text and "seeds: 0" in text
-    assert "**Bounded correction**" in text and "| reshaped, correction <= 0.5 |" in text
+    assert "**Bounded correction**" in text and "| reshaped, unbounded correction |" in text
     default = ObjectiveConfig()
     micro = get_preset("micro")
     rows = [*group(micro, "temperature tau").rows, *group(micro, "share of t = 0 draws").rows]
