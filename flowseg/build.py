@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from flowseg.checkpoint import (
     ENCODING_FILE, CheckpointInfo, fit_state_dict, load_centroids, load_weights, read_checkpoint,
@@ -27,6 +28,9 @@ from flowseg.inference import Segmenter
 from flowseg.models import build_model
 
 EVAL_DATA_SEED = 0  # generated validation/test splits are the same for every run, whatever train.seed
+# weights that checkpoints of earlier versions lack and whose zero is what those versions computed: the
+# trunk's null embedding y_0 (c = SiLU(e_t + y_0); before it, c = SiLU(e_t))
+ZERO_WHEN_MISSING = ("null_embedding",)
 
 
 def build_network(config: Config, num_classes: int) -> tuple[nn.Module, CategoryEncoding | None]:
@@ -84,6 +88,14 @@ def trained_encoding(info: CheckpointInfo, saved: Config) -> CategoryEncoding | 
     return CategoryEncoding(saved.model.encoding, stored)
 
 
+def with_earlier_defaults(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with the ZERO_WHEN_MISSING weights it lacks set to zero, so a checkpoint of an earlier
+    version loads with the function it was trained as."""
+    expected = model.state_dict()
+    zeros = {key: torch.zeros_like(expected[key]) for key in ZERO_WHEN_MISSING if key in expected and key not in state}
+    return {**zeros, **state}
+
+
 def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> TrainedModel:
     """The network of a checkpoint (a checkpoint folder, or a run folder: its newest checkpoint) with
     the EMA weights, or the raw ones when eval.use_ema is false, and the encoding it was trained with;
@@ -101,7 +113,8 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Train
         raise ValueError(f"{source} does not fit this model ({'; '.join(changed)}): the model.* settings of a "
                          "trained network cannot be overridden")
     model, _ = build_network(saved, info.num_classes)
-    fit_state_dict(model, load_weights(info.path, "ema" if config.eval.use_ema else "model"), source)
+    weights = load_weights(info.path, "ema" if config.eval.use_ema else "model")
+    fit_state_dict(model, with_earlier_defaults(model, weights), source)
     return TrainedModel(model.eval(), trained_encoding(info, saved), config, info)
 
 

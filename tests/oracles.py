@@ -92,13 +92,19 @@ def oracle_segmenter(mapping=(0, 1, 2, 3), twin=False, *overrides):
     return Segmenter(model, None if twin else encoding, config, torch.device("cpu"))
 
 
-def replace_encoding(checkpoint, tensors):
-    """Write (or, with None, remove) a checkpoint's encoding file and record its sha256, as a save would."""
+def replace_tensors(checkpoint, name, tensors):
+    """Write (or, with None, remove) a checkpoint's safetensors file `name` and record its sha256, as a
+    save would."""
     meta = json.loads((checkpoint / META_FILE).read_text())
     if tensors is None:
-        (checkpoint / ENCODING_FILE).unlink()
-        del meta["sha256"][ENCODING_FILE]
+        (checkpoint / name).unlink()
+        del meta["sha256"][name]
     else:
-        save_file(tensors, checkpoint / ENCODING_FILE)
-        meta["sha256"][ENCODING_FILE] = hashlib.sha256((checkpoint / ENCODING_FILE).read_bytes()).hexdigest()
+        save_file(tensors, checkpoint / name)
+        meta["sha256"][name] = hashlib.sha256((checkpoint / name).read_bytes()).hexdigest()
     (checkpoint / META_FILE).write_text(json.dumps(meta))
+
+
+def replace_encoding(checkpoint, tensors):
+    """Write (or, with None, remove) a checkpoint's encoding file, recording its sha256."""
+    replace_tensors(checkpoint, ENCODING_FILE, tensors)

@@ -9,11 +9,11 @@ from safetensors.torch import save_file
 
 import flowseg.build as build_module
 from flowseg.build import build_network, load_segmenter, load_split, load_trained
-from flowseg.checkpoint import ENCODING_FILE, load_centroids, load_weights
+from flowseg.checkpoint import EMA_FILE, ENCODING_FILE, load_centroids, load_weights
 from flowseg.config import load_config
 from flowseg.encoding import build_encoding
 from flowseg.inference import Segmenter
-from oracles import Painted, replace_encoding
+from oracles import Painted, replace_encoding, replace_tensors
 
 
 def test_the_flow_network_and_the_twin_each_give_p_over_the_classes():
@@ -73,6 +73,18 @@ def test_load_trained_takes_the_ema_weights_unless_told_otherwise(checkpoint):
     assert trained.config.eval.steps == 3 and trained.info.step == 2 and trained.info.num_classes == 7
     assert trained.encoding.centroids.shape[0] == 7
     assert torch.equal(load_trained(checkpoint, ["eval.use_ema=false"]).model.state_dict()[key], raw[key])
+
+
+def test_a_checkpoint_from_before_the_null_embedding_loads_with_it_at_zero(checkpoint, tmp_path):
+    """Earlier versions conditioned the trunk on SiLU(e_t), which is SiLU(e_t + y_0) at y_0 = 0."""
+    older = tmp_path / "older"
+    shutil.copytree(checkpoint, older)
+    ema = load_weights(older, "ema")
+    del ema["null_embedding"]
+    replace_tensors(older, EMA_FILE, ema)
+    state = load_trained(older).model.state_dict()
+    assert torch.equal(state["null_embedding"], torch.zeros_like(state["null_embedding"]))
+    assert all(torch.equal(state[key], value) for key, value in ema.items())
 
 
 def test_a_checkpoint_of_another_model_size_is_refused(checkpoint):
