@@ -1,5 +1,5 @@
 """Oracle models whose predictions are known exactly, shared by the inference and evaluation tests,
-and a checkpoint-editing helper.
+and checkpoint-editing helpers.
 
 An oracle reads the class painted into the image's red channel (paint / labels_in_image) and answers
 it through `mapping`, so a test knows every pixel's prediction before the Segmenter runs.
@@ -10,7 +10,7 @@ import json
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from flowseg.checkpoint import ENCODING_FILE, META_FILE
@@ -92,17 +92,24 @@ def oracle_segmenter(mapping=(0, 1, 2, 3), twin=False, *overrides):
     return Segmenter(model, None if twin else encoding, config, torch.device("cpu"))
 
 
-def replace_tensors(checkpoint, name, tensors):
-    """Write (or, with None, remove) a checkpoint's safetensors file `name` and record its sha256, as a
-    save would."""
+def forge(checkpoint, name, data):
+    """Replace (or, with data None, remove) a checkpoint file and record its sha256 in meta.json as a save
+    would: a crafted checkpoint, which only its content can give away."""
     meta = json.loads((checkpoint / META_FILE).read_text())
-    if tensors is None:
+    if data is None:
         (checkpoint / name).unlink()
         del meta["sha256"][name]
     else:
-        save_file(tensors, checkpoint / name)
-        meta["sha256"][name] = hashlib.sha256((checkpoint / name).read_bytes()).hexdigest()
+        # a new file, not the old one rewritten in place: tensors memory-mapped from it stay as they were
+        (checkpoint / name).unlink(missing_ok=True)
+        (checkpoint / name).write_bytes(data)
+        meta["sha256"][name] = hashlib.sha256(data).hexdigest()
     (checkpoint / META_FILE).write_text(json.dumps(meta))
+
+
+def replace_tensors(checkpoint, name, tensors):
+    """Write (or, with None, remove) a checkpoint's safetensors file `name`, recording its sha256."""
+    forge(checkpoint, name, None if tensors is None else save(tensors))
 
 
 def replace_encoding(checkpoint, tensors):

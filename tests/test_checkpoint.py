@@ -20,6 +20,7 @@ from flowseg.checkpoint import (
     fit_state_dict, latest_checkpoint, list_checkpoints, load_train_state, load_weights, prune_checkpoints,
     read_checkpoint, remove_leftovers, resolve_checkpoint, save_checkpoint, write_atomically,
 )
+from oracles import forge
 
 PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], dtype=np.uint8)
 NAMES = ["bg", "cat", "dog"]
@@ -103,20 +104,12 @@ def test_resolve_rejects_missing_and_foreign_paths(tmp_path):
         resolve_checkpoint(tmp_path / "empty")
 
 
-def _forge(path, name, data):
-    """Replace a checkpoint file and record its new sha256 in meta.json: a crafted checkpoint."""
-    (path / name).write_bytes(data)
-    meta = json.loads((path / META_FILE).read_text())
-    meta["sha256"][name] = hashlib.sha256(data).hexdigest()
-    (path / META_FILE).write_text(json.dumps(meta))
-
-
 def test_corrupt_files_give_clear_errors(tmp_path):
     path = _save(tmp_path, 1, _tiny())
     (path / EMA_FILE).write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match=f"{path / EMA_FILE} is damaged"):
         load_weights(path, "ema")
-    _forge(path, EMA_FILE, b"not safetensors")  # its hash recorded: the parser itself refuses it
+    forge(path, EMA_FILE, b"not safetensors")  # its hash recorded: the parser itself refuses it
     with pytest.raises(ValueError, match=f"cannot read weights {path / EMA_FILE}"):
         load_weights(path, "ema")
     meta = json.loads((path / META_FILE).read_text())
@@ -267,7 +260,7 @@ def test_a_crafted_training_state_is_refused_by_name(tmp_path, data, cause):
     (path / STATE_FILE).write_bytes(data)
     with pytest.raises(ValueError, match=f"{path / STATE_FILE} is damaged"):  # its hash no longer matches
         load_train_state(path, {"step": int, "elapsed": float})
-    _forge(path, STATE_FILE, data)  # hash recorded too: the content itself must be refused
+    forge(path, STATE_FILE, data)  # hash recorded too: the content itself must be refused
     with pytest.raises(ValueError, match=cause):
         load_train_state(path, {"step": int, "elapsed": float})
 

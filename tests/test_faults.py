@@ -12,7 +12,6 @@ was never interrupted.
 """
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from oracles import forge
 from test_train import TINY, tiny_config, tiny_datasets
 from torch import nn
 
@@ -117,14 +117,6 @@ def test_a_full_disk_while_checkpointing_exits_2_naming_the_checkpoint(tmp_path,
     assert load_train_state(run / CHECKPOINTS_DIR / "step_00000002", TRAIN_STATE)["step"] == 2
 
 
-def _forge(checkpoint, name, data):
-    """Write a checkpoint file and record its sha256 in meta.json: a crafted checkpoint."""
-    (checkpoint / name).write_bytes(data)
-    meta = json.loads((checkpoint / META_FILE).read_text())
-    meta["sha256"][name] = hashlib.sha256(data).hexdigest()
-    (checkpoint / META_FILE).write_text(json.dumps(meta))
-
-
 def _overwrite_inside(file):
     data = bytearray(file.read_bytes())
     data[-8:-4] = b"\x00\x00\xc0\x7f"  # a NaN in the last tensor: still a valid safetensors file
@@ -147,10 +139,10 @@ def test_a_damaged_or_crafted_checkpoint_refuses_the_resume_by_name(tmp_path, ca
         (EMA_FILE, _overwrite_inside,
          re.escape(f"{checkpoint / EMA_FILE} is damaged: its content differs from what was saved")),
         (STATE_FILE, lambda file: file.write_bytes(b""), f"{state_file} is damaged"),
-        (STATE_FILE, lambda file: _forge(checkpoint, STATE_FILE, file.read_bytes()[:1000]),
+        (STATE_FILE, lambda file: forge(checkpoint, STATE_FILE, file.read_bytes()[:1000]),
          f"cannot read training state {state_file}: "),
         (STATE_FILE, lambda file: (torch.save({**state, "optimizer": None}, file),
-                                   _forge(checkpoint, STATE_FILE, file.read_bytes())),
+                                   forge(checkpoint, STATE_FILE, file.read_bytes())),
          f"training state {state_file}: 'optimizer' must be of type dict, found NoneType"),
         (META_FILE, _without_palette, re.escape(f"{checkpoint / META_FILE} lacks the key(s) ['palette']")),
     ]
