@@ -49,7 +49,6 @@ from flowseg.build import build_network  # noqa: E402
 from flowseg.config import load_config  # noqa: E402
 from flowseg.distributed import DistContext, autocast  # noqa: E402
 from flowseg.inference import Segmenter  # noqa: E402
-from flowseg.models.layers import rope_2d_angles  # noqa: E402
 from flowseg.train import Trainer  # noqa: E402
 
 CLASSES = 150            # ADE20K's class count: the correction's cost grows with it
@@ -221,15 +220,8 @@ def make_trainer(plan: Plan, size: str, side: int, batch: int, run_dir: Path, co
 
 
 def trunk_tokens(model: torch.nn.Module, inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The stem and trunk blocks of model.forward_field alone: tokens (B, L, C) of the last block."""
-    grid_h, grid_w = (side // model.size.patch_size for side in inputs.shape[-2:])
-    tokens = model.stem(inputs)  # (B, L, C)
-    condition = F.silu(model.time_embed(t) + model.null_embedding)  # (B, C)
-    rope = tuple(a.to(tokens.dtype) for a in
-                 rope_2d_angles(grid_h, grid_w, model.size.width // model.size.heads, device=inputs.device))
-    for block in model.trunk:
-        tokens = block(tokens, condition, rope)
-    return tokens
+    """The stem and trunk blocks of the network alone (FieldTransformerBase.trunk_tokens): tokens (B, L, C)."""
+    return model.trunk_tokens(inputs, model.time_embed(t))[0]
 
 
 def trunk_figures(model: torch.nn.Module, inputs: torch.Tensor, t: torch.Tensor, plan: Plan, info: dict,

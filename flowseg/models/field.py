@@ -268,6 +268,21 @@ class FieldTransformerBase(nn.Module):
             self.token_head = nn.Linear(width, token_classes)
             init_linear_xavier(self.token_head)
 
+    def trunk_tokens(self, coarse: Tensor, time: Tensor, expose_block: int | None = None
+                     ) -> tuple[Tensor, Tensor | None]:
+        """The stem and trunk on the trunk-resolution input u (B, c_in, p grid_h, p grid_w) with e_t (B, C):
+        s_L (B, L, C) and, for expose_block = k, s_k (else None)."""
+        grid_h, grid_w = (side // self.size.patch_size for side in coarse.shape[-2:])
+        tokens = self.stem(coarse)  # (B, L, C)
+        condition = F.silu(time + self.null_embedding)  # (B, C)
+        head_dim = self.size.width // self.size.heads
+        rope = tuple(a.to(tokens.dtype) for a in rope_2d_angles(grid_h, grid_w, head_dim, device=coarse.device))
+        exposed = None
+        for index, block in enumerate(self.trunk, 1):
+            tokens = block(tokens, condition, rope)
+            exposed = tokens if index == expose_block else exposed
+        return tokens, exposed
+
     def forward_field(self, inputs: Tensor, t: Tensor, query_scale: int = 1,
                       expose_block: int | None = None) -> FieldOutput:
         """u (B, c_in, H, W), t (B,) -> out (B, c_out, H, W) and, with a token head, the token logits
@@ -286,15 +301,8 @@ class FieldTransformerBase(nn.Module):
             )
         grid_h, grid_w = height // side, width // side
         coarse = F.avg_pool2d(inputs, query_scale) if query_scale > 1 else inputs
-        tokens = self.stem(coarse)  # (B, L, C)
         time = self.time_embed(t)  # (B, C)
-        condition = F.silu(time + self.null_embedding)  # (B, C)
-        head_dim = self.size.width // self.size.heads
-        rope = tuple(a.to(tokens.dtype) for a in rope_2d_angles(grid_h, grid_w, head_dim, device=inputs.device))
-        exposed = None
-        for index, block in enumerate(self.trunk, 1):
-            tokens = block(tokens, condition, rope)
-            exposed = tokens if index == expose_block else exposed
+        tokens, exposed = self.trunk_tokens(coarse, time, expose_block)
         token_logits = self.token_head(tokens) if self.token_head is not None else None  # (B, L, N)
         # the field's weights come from the token; adding e_t lets them depend on t directly too
         tokens = F.silu(tokens + time[:, None])  # (B, L, C)
