@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from experiments.results import steps_to_reach
+from experiments.results import mean_sd, steps_to_reach
 
 # dataset -> the shipped recipe and its overrides: the flow path of flowseg's default (noise on x_0)
 DATASETS = {
@@ -69,13 +68,6 @@ def train_and_eval(out: Path, dataset: str, variant: str, seed: int, args: argpa
 def val_curve(run: Path) -> list[dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{"step": r["step"], "miou": r["miou"]} for r in records if r["kind"] == "val"]
-
-
-def mean_sd(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    if not values:
-        return "n/a"
-    spread = f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-    return f"{scale * statistics.mean(values):.{digits}f}{spread}"
 
 
 def summarize(out: Path, seeds: list[int]) -> dict:
