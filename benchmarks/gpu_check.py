@@ -365,11 +365,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (the CPU form the tests run)")
     parser.add_argument("--skip", nargs="*", default=[], help="parts to leave out, e.g. compile ddp")
+    parser.add_argument("--sizes", nargs="*", default=[], help="measure only these of the plan's sizes, e.g. L/16")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device (use --device cpu --tiny for the CPU form)")
     plan = tiny_plan(device) if args.tiny else full_plan(device)
+    if args.sizes:
+        unknown = set(args.sizes) - set(plan.sizes)
+        if unknown:
+            parser.error(f"--sizes: {sorted(unknown)} not in this plan's sizes {plan.sizes}")
+        plan = replace(plan, sizes=tuple(args.sizes),
+                       compile_cases=tuple(case for case in plan.compile_cases if case[0] in args.sizes))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gpu_check.json"
     results: dict = {"command": " ".join(sys.argv), "plan": {k: str(v) for k, v in vars(plan).items()}}

@@ -1,6 +1,7 @@
 """The CPU form of benchmarks/gpu_check.py: every part the GPU run measures runs here at toy sizes."""
 import math
 
+import pytest
 import torch
 
 from benchmarks import gpu_check
@@ -41,3 +42,13 @@ def test_the_cpu_form_runs_every_part_and_reports_finite_figures(tmp_path):
     assert results["ddp"]["returncode"] == 0 and "(gloo process group, DDP)" in results["ddp"]["group"]
     compiled = results["compile T/8 32"]
     assert compiled["compiled_step_ms"] > 0 and compiled["eager_step_ms"] > 0
+
+
+def test_sizes_keeps_only_the_named_sizes_and_rejects_one_the_plan_lacks(tmp_path, capsys):
+    results = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--sizes", "T/8",
+                              "--skip", "attention", "adamw", "ddp", "compile"])
+    assert [name for name in results if name.startswith(("train", "compile", "attention"))] == ["train T/8 32"]
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--sizes", "L/16"])
+    assert exit_info.value.code == 2
+    assert "'L/16'" in capsys.readouterr().err

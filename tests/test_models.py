@@ -1,6 +1,7 @@
 """Tests of flowseg.models: layers against closed forms, the networks' contracts, locality, sizes."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from flowseg.models import SIZES, DiscriminativeFieldTransformer, PixelFieldTran
 from flowseg.models.field import ConvStem, NeuralFieldDecoder, PatchEmbedding, patchify, unpatchify
 from flowseg.models.layers import (
     FieldBlock,
+    RMSNorm,
     TrunkBlock,
     apply_rope,
     dct_features,
@@ -48,6 +50,21 @@ def test_timestep_features_closed_form():
     expected = torch.cat([torch.cos(0.3 * freqs), torch.sin(0.3 * freqs)])
     assert torch.allclose(features[0], torch.tensor([1.0] * 4 + [0.0] * 4))
     assert torch.allclose(features[1], expected)
+
+
+def test_rms_norm_closed_form_and_bf16_input_keeps_its_dtype_without_a_fallback_warning():
+    norm = RMSNorm(4, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, -1.0, 0.5]))
+    x = torch.tensor([[3.0, 4.0, 0.0, 0.0]])  # mean(x^2) = 25 / 4, rms = 2.5
+    expected = torch.tensor([[3 / 2.5, 2 * 4 / 2.5, 0.0, 0.0]])
+    torch.testing.assert_close(norm(x), expected, atol=1e-6, rtol=0)
+    # a float32 weight with a bf16 input is what autocast hands it; nn.RMSNorm warns there and falls back
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
 
 
 def test_dct_features_hand_worked():

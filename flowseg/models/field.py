@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from flowseg.models.layers import (
     NORM_EPS,
     FieldBlock,
+    RMSNorm,
     TimestepEmbedder,
     TrunkBlock,
     dct_features,
@@ -165,7 +166,7 @@ class NeuralFieldDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             FieldBlock(size.width, size.field_width, size.field_mlp_ratio) for _ in range(size.field_depth)
         )
-        self.norm = nn.RMSNorm(size.field_width, eps=NORM_EPS)
+        self.norm = RMSNorm(size.field_width, eps=NORM_EPS)
         self.out = nn.Linear(size.field_width, out_channels)
 
     def forward(self, tokens: Tensor, pixels: Tensor) -> Tensor:

@@ -21,6 +21,14 @@ ROPE_THETA = 10_000.0
 ROPE_EXTENT = 16.0  # token positions span [0, 16] on each axis whatever the grid size (PixNerd)
 
 
+class RMSNorm(nn.RMSNorm):
+    """x / sqrt(mean(x^2) + eps) * w, with w cast to x's dtype: under bf16 autocast a float32 w keeps
+    rms_norm off its fused kernel (PyTorch falls back to several elementwise kernels and warns)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation x * (1 + scale) + shift; shift and scale are (B, 1, C) per-image vectors."""
     return x * (1 + scale) + shift
@@ -97,8 +105,8 @@ class Attention(nn.Module):
         self.heads = heads
         head_dim = width // heads
         self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.q_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
-        self.k_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
+        self.q_norm = RMSNorm(head_dim, eps=NORM_EPS)
+        self.k_norm = RMSNorm(head_dim, eps=NORM_EPS)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -139,9 +147,9 @@ class TrunkBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(width, eps=NORM_EPS)
+        self.attn_norm = RMSNorm(width, eps=NORM_EPS)
         self.attn = Attention(width, heads)
-        self.ffn_norm = nn.RMSNorm(width, eps=NORM_EPS)
+        self.ffn_norm = RMSNorm(width, eps=NORM_EPS)
         self.ffn = SwiGLU(width, swiglu_hidden(width, mlp_ratio))
         self.modulation = nn.Linear(width, 6 * width)
 
@@ -193,7 +201,7 @@ class FieldBlock(nn.Module):
         self.field_width = field_width
         self.hidden = field_width * mlp_ratio
         self.weight_generator = nn.Linear(token_width, 2 * field_width * self.hidden)
-        self.norm = nn.RMSNorm(field_width, eps=NORM_EPS)
+        self.norm = RMSNorm(field_width, eps=NORM_EPS)
 
     def forward(self, h: Tensor, tokens: Tensor) -> Tensor:
         first, second = self.weight_generator(tokens).chunk(2, dim=-1)
