@@ -21,7 +21,7 @@ log() { echo "== $(date -u +%T) $*"; }
 { nvidia-smi; lscpu | head -20; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; } > "$OUT/machine.txt" 2>&1
 SWEEP=/tmp/sweep
 log "sweep (background)"
-timeout 500 python3 -m experiments.convergence_sweep --out $SWEEP --device cpu --workers 16 --steps "$STEPS" \
+timeout 520 python3 -m experiments.convergence_sweep --out $SWEEP --device cpu --workers 18 --steps "$STEPS" \
   --val-every 100 --test-images 500 --seeds 0 1 2 --datasets mnist-seg \
   --variants vanilla reshaped no-token-loss vanilla-no-token-loss patch-stem d8 > "$OUT/sweep.log" 2>&1 &
 log "gpu_check"
