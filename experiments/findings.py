@@ -16,8 +16,8 @@ import numpy as np
 
 from experiments.diagnostics import FieldPicture, field_picture
 from experiments.plan import (
-    DISCRIMINATIVE, ENCODING_ROWS, REFERENCE, VANILLA, AblationGroup, ablation_groups, ablation_variants,
-    bounded_variants, encoding_variant, paper_recipe,
+    DISCRIMINATIVE, REFERENCE, VANILLA, AblationGroup, ablation_groups, ablation_variants,
+    bounded_variants, encoding_variant,
 )
 from experiments.results import Results, mean_sd, paired_differences, ratio, status_note, steps_to_reach
 from experiments.verdicts import (
@@ -180,7 +180,7 @@ def encodings(results: Results) -> Encodings:
     reference = results.runs(dataset, REFERENCE, "ablation")
     num_classes = len(reference[0]["test"]["iou"]) if reference and reference[0]["status"] == "done" else 11
     trained, values = [], {}
-    for name in ENCODING_ROWS:
+    for name in preset.encodings:
         encoding = build_encoding(name, num_classes)
         values[name] = results.test_miou(dataset, encoding_variant(name), "ablation")
         trained.append([name, encoding.dim, f"{encoding.min_spacing():.3f}", mean_sd(list(values[name].values())),
@@ -196,7 +196,7 @@ def encodings(results: Results) -> Encodings:
                 cells.append(f"n/a: {error}")
         spacing.append([name, *cells])
     seeds = len(preset.seeds)
-    against = {name: paired_differences(values["kronecker"], values[name]) for name in ENCODING_ROWS[1:]}
+    against = {name: paired_differences(values["kronecker"], values[name]) for name in preset.encodings[1:]}
     each = {name: judge(diffs, seeds) for name, diffs in against.items()}
     worse = [name for name, verdict in each.items() if verdict.startswith("disagrees")]
     verdict = Verdict("the Kronecker code beats the baselines", "yes (comparison set not recoverable)",
@@ -414,7 +414,6 @@ class Setup:
     machine: dict                        # cost.machine() of the cost task ({} without one)
     parameters: int | None               # of the reference flow model (None without a cost result)
     processes: list[tuple[int, int]]     # (workers, threads) of the sessions that made the results
-    recipes: dict[str, str]              # dataset -> the shipped config its runs start from
     budgets: list[Cells]                 # per budget: experiments, runs per seed, steps x batch, validation, warm-up
 
 
@@ -428,7 +427,6 @@ def setup(results: Results) -> Setup:
         machine=record.get("machine", {}),
         parameters=record.get("cases", {}).get("train/reshaped", {}).get("parameters"),
         processes=sorted(results.process_layouts()),
-        recipes={dataset: paper_recipe(dataset) for dataset in results.datasets},
         budgets=[["1. convergence (+4. sampling, 6. diagnostics)", convergence_runs,
                   f"{c.steps} x {c.batch_size}", c.val_every, c.warmup_steps],
                  ["2. ablations, 3. encodings, 5. generative vs discriminative",

@@ -1,15 +1,16 @@
 """The plan: which training runs each experiment needs, as config overrides of one base run.
 
-Every run is the base configuration (its dataset's paper recipe, with the preset's model size, image
-size and budget, and the objective with the library's defaults, flowseg.objective.ObjectiveConfig())
-plus the overrides of one variant. A paper recipe is a shipped config holding the paper's network:
-these experiments measure the paper's objectives on it, so the demo's additions to it (mnist-seg.yaml's
-convolutional stem, 8-d code, token loss and grid shifts), which would act on every variant alike, stay
-out. An objective ablation compares values of one ObjectiveConfig field; the row whose value is the
-default is the reference run itself, so when a default changes the plan follows it. Experiments share
-runs: the ablations' default rows, the encodings' "kronecker" row and the flow side of
-generative-vs-discriminative are all the variant "reshaped" at the ablation budget, and when the
-ablation budget equals the convergence budget that is also the convergence run.
+Every run is the base configuration (its dataset's shipped recipe, flowseg/configs/<dataset>.yaml, with
+the preset's model size, image size and budget, and the objective with the library's defaults,
+flowseg.objective.ObjectiveConfig()) plus the overrides of one variant. On mnist-seg that recipe is
+the demo's: the paper's network with a convolutional stem and the token loss, without which a T/4
+model stays at the constant-prediction floor for the first ~700 steps (docs/core.md); the paper's
+network itself is a row of the "network" ablation. An objective ablation compares values of one
+ObjectiveConfig field; the row whose value is the default is the reference run itself, so when a
+default changes the plan follows it. Experiments share runs: the ablations' default rows, the
+encodings' "kronecker" row and the flow side of generative-vs-discriminative are all the variant
+"reshaped" at the ablation budget, and when the ablation budget equals the convergence budget that is
+also the convergence run.
 A run's key hashes its recipe and complete override list, so two experiments asking for the same
 configuration get the same run, and changing a budget gives a new run rather than reusing a stale one.
 """
@@ -22,23 +23,15 @@ from dataclasses import dataclass
 from experiments.presets import Budget, Preset
 from flowseg.objective import ObjectiveConfig
 
-# the shipped config each dataset's runs start from: mnist-seg's own config is the demo's recipe, the
-# other datasets' configs hold the paper's network already
-PAPER_RECIPES = {"mnist-seg": "paper-mnist-seg"}
-REFERENCE = "reshaped"  # the reshaped objective with every ObjectiveConfig default, image conditioning on
+REFERENCE = "reshaped"  # the recipe with every ObjectiveConfig default, image conditioning on
 VANILLA = "vanilla"
 DISCRIMINATIVE = "discriminative"
-ENCODING_ROWS = ("kronecker", "rd", "lattice", "random", "bits", "onehot")
+PAPER_NETWORK = "paper-network"  # PixNerd's linear patch embedding and the flow-matching loss alone
 METHOD_TAU = 1.0        # the tau of docs/method.md, section 3: always a row of the temperature sweep
 PAPER_T_ZERO_FRACTION = 0.0  # the paper draws t ~ U[0, 1]: no extra draws at t = 0
 TRANSFORM_LABELS = {"neg_log": "-log(d + eps)", "inverse": "1 / (d + eps)", "sqrt": "sqrt(d)", "identity": "d"}
 SCHEDULE_LABELS = {"constant": "static (constant lambda)", "annealed": "annealed (lambda -> 0)"}
 PARAMETERIZATION_LABELS = {"v": "v-prediction", "x": "x-prediction"}
-
-
-def paper_recipe(dataset: str) -> str:
-    """The shipped config (flowseg/configs/<name>.yaml) a dataset's runs start from."""
-    return PAPER_RECIPES.get(dataset, dataset)
 
 
 @dataclass(frozen=True)
@@ -59,7 +52,8 @@ class RunSpec:
 
     @property
     def recipe(self) -> str:
-        return paper_recipe(self.dataset)
+        """The shipped config (flowseg/configs/<name>.yaml) the run starts from."""
+        return self.dataset
 
     def overrides(self) -> list[str]:
         """The complete override list of this run on top of its recipe (everything but train.out_dir)."""
@@ -72,6 +66,7 @@ class RunSpec:
             f"optim.lr={p.lr}", f"optim.warmup_steps={b.warmup_steps}", "optim.weight_decay=0.0",
             "optim.ema_decay=0.999", "data.num_workers=0",
             f"eval.steps={p.eval_steps}", "eval.sampler=euler", "eval.inference=resize", "eval.batch_size=16",
+            "eval.grid_shifts=1",
         ]
         if self.data_root is not None:
             base.append(f"data.root={self.data_root}")
@@ -140,7 +135,8 @@ def variants(preset: Preset) -> dict[str, Variant]:
         Variant("ignore-masked", (band,)),
         Variant("ignore-unmasked", (band, "objective.mask_ignore=false")),
         Variant("no-image-conditioning", ("model.image_conditioning=false",)),
-        *(Variant(f"encoding={name}", (f"model.encoding={name}",)) for name in ENCODING_ROWS[1:]),
+        Variant(PAPER_NETWORK, ("model.stem=patch", "model.token_head=false")),
+        *(Variant(f"encoding={name}", (f"model.encoding={name}",)) for name in preset.encodings[1:]),
         Variant(DISCRIMINATIVE, ("model.kind=discriminative",)),  # steps: set for equal time at run time
     ]
     return {variant.name: variant for variant in table}
@@ -153,7 +149,7 @@ def ablation_variants(preset: Preset) -> list[str]:
 
 
 def encoding_variant(name: str) -> str:
-    return REFERENCE if name == ENCODING_ROWS[0] else f"encoding={name}"
+    return REFERENCE if name == "kronecker" else f"encoding={name}"
 
 
 def _sweep_rows(field: str, symbol: str, values: tuple, notes: dict[float, str]) -> tuple[Row, ...]:
@@ -174,7 +170,7 @@ def ablation_groups(preset: Preset) -> list[AblationGroup]:
         return tuple(Row(labels[value], objective_variant(field, value), number)
                      for value, number in zip(sweeps[field], paper))
 
-    return [
+    groups = [
         AblationGroup("distance transform T(d)",
                       paper_rows("transform", TRANSFORM_LABELS, (29.75, 29.12, 28.32, 27.15)),
                       "-log > inverse > sqrt > identity", "order"),
@@ -201,7 +197,12 @@ def ablation_groups(preset: Preset) -> list[AblationGroup]:
         AblationGroup("objective at the ablation budget", (
             Row("reshaped (the reference run)", REFERENCE), Row("vanilla flow matching", VANILLA)),
             "reshaped > vanilla", "pair"),
+        AblationGroup("network", (
+            Row("flowseg's recipe: convolutional stem, token loss (the reference run)", REFERENCE),
+            Row("the paper's network: linear patch embedding, flow-matching loss alone", PAPER_NETWORK)),
+            "not in the paper: flowseg's additions to its network (docs/model.md, docs/core.md)"),
     ]
+    return [group for group in groups if len(group.rows) > 1]  # a sweep the preset gives one value is no ablation
 
 
 def planned_runs(preset: Preset, ade20k_root: str | None = None) -> list[RunSpec]:

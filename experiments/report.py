@@ -66,8 +66,7 @@ class Page:
         p, m = self.preset, found.machine
         model = self.fill("model: no cost result", model_size=p.model_size) if found.parameters is None else \
             self.fill("model", model_size=p.model_size, parameters=f"{found.parameters / 1e6:.2f}",
-                      image_size=p.image_size, lr=f"{p.lr:g}", t_draws=t_draws(ObjectiveConfig()),
-                      recipes=", ".join(f"{dataset}: `{name}`" for dataset, name in found.recipes.items()))
+                      image_size=p.image_size, lr=f"{p.lr:g}", t_draws=t_draws(ObjectiveConfig()))
         processes = ", ".join(f"{w} worker(s) x {t} thread(s)" for w, t in found.processes)
         return self.fill(
             "setup", command=command, preset=p.name, minutes=f"{p.minutes_target:g}",

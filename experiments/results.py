@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from experiments.plan import RunSpec, paper_recipe, variants
+from experiments.plan import RunSpec, variants
 from experiments.presets import Preset
 from experiments.runner import COST_KEY, SESSIONS_FILE, read_result
 from flowseg.build import EVAL_DATA_SEED
@@ -66,7 +66,7 @@ def status_note(runs: Sequence[dict]) -> str:
 def constant_prediction_miou(dataset: str, preset: Preset, root: str | None = None) -> float:
     """mIoU of predicting the most frequent class everywhere, on the images the final test mIoU uses:
     the floor a trained model has to clear."""
-    split = load_config(paper_recipe(dataset)).eval.split
+    split = load_config(dataset).eval.split
     data = build_dataset(dataset, split, root=root, image_size=preset.image_size, seed=EVAL_DATA_SEED)
     labels = torch.stack([data[i]["label"] for i in range(min(preset.eval_samples, len(data)))])
     valid = labels[labels != data.ignore_index]

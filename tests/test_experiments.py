@@ -336,7 +336,7 @@ def test_page_from_made_up_results_quotes_them_and_judges_each_claim(fake_pages)
     for shown in (
         # set-up and cost, from the cost record
         "- Hardware: Test CPU, 2 cores, GPU: none; torch 9.9; Python 3.99; processes: 2 worker(s) x 1 thread(s)",
-        "- Model: T/8 (2.00 M parameters), 16x16 images", "(mnist-seg: `paper-mnist-seg`, shapes: `shapes`)",
+        "- Model: T/8 (2.00 M parameters), 16x16 images", "start from its shipped config",
         "+25.0% training time", "| train/reshaped | 25.0 | 80.0 | 0.80 | 44.0 | 1.10 |",
         # 1: final val and test mIoU 21 / 31 (mean of two seeds), reached at step 3 of 4
         "| mnist-seg | 21.0 ± 1.4 | 31.0 ± 1.4 | 10.0 ± 0.0 | 3 ± 0 | 1.33 ± 0.00x | 21.0 ± 1.4 | 31.0 ± 1.4 |",
@@ -414,15 +414,26 @@ def test_the_paper_recipe_is_the_demo_recipe_without_its_additions():
     assert {key for key in demo if demo[key] != paper[key]} == added | {"objective.token_loss_weight"}
 
 
-def test_every_run_measures_the_papers_network():
+def test_every_run_starts_from_its_datasets_recipe_and_the_network_row_is_the_papers_network():
     micro = get_preset("micro")
     runs = planned_runs(micro, ade20k_root="unused")
     assert {(spec.dataset, spec.recipe) for spec in runs} == {
-        ("mnist-seg", "paper-mnist-seg"), ("shapes", "shapes"), ("ade20k", "ade20k")}
+        ("mnist-seg", "mnist-seg"), ("shapes", "shapes"), ("ade20k", "ade20k")}
     for spec in runs:
         settings = flat_settings(load_config(spec.recipe, spec.overrides()))
-        assert {key: settings[key] for key in PAPER_NETWORK} == PAPER_NETWORK, spec.key
-        assert settings["data.name"] == spec.dataset
+        assert settings["data.name"] == spec.dataset and settings["eval.grid_shifts"] == 1, spec.key
+    paper = next(spec for spec in runs if spec.variant.name == plan.PAPER_NETWORK)
+    settings = flat_settings(load_config(paper.recipe, paper.overrides()))
+    assert {key: settings[key] for key in PAPER_NETWORK} == PAPER_NETWORK
+    assert [row.variant for row in group(micro, "network").rows] == [REFERENCE, plan.PAPER_NETWORK]
+
+
+def test_a_sweep_given_one_value_is_no_ablation_and_the_encodings_follow_the_preset():
+    micro = dataclasses.replace(get_preset("micro"), epses=(ObjectiveConfig().eps,), encodings=("kronecker", "onehot"))
+    assert "eps" not in [g.title for g in ablation_groups(micro)]
+    assert [name for name in variants(micro) if name.startswith("encoding=")] == ["encoding=onehot"]
+    with pytest.raises(ValueError, match="kronecker"):
+        dataclasses.replace(micro, encodings=("onehot", "kronecker"))
 
 
 def test_bounded_correction_runs_only_at_the_convergence_budget():
