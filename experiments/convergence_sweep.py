@@ -31,6 +31,8 @@ VARIANTS = {
     "vanilla": ["objective.kind=vanilla"],
     "reshaped": [],
     "unbounded": ["objective.correction_clip=null"],
+    "clip0.25": ["objective.correction_clip=0.25"],
+    "clip1": ["objective.correction_clip=1.0"],
     "repa": ["repa.teacher=efficientnet-lite0"],
     # the demo recipe's add-ons, one at a time (on datasets whose recipe has them)
     "no-token-loss": ["model.token_head=false"],
