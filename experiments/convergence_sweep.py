@@ -90,7 +90,8 @@ def summarize(out: Path, seeds: list[int]) -> dict:
             seeds_done = list(curves[variant])
             if not seeds_done:
                 continue
-            reach = {s: steps_to_reach(curves[variant][s], vanilla[s][-1]["miou"]) for s in seeds_done if s in vanilla}
+            reach = {s: steps_to_reach(curves[variant][s], vanilla[s][-1]["miou"])
+                     for s in seeds_done if s in vanilla}
             rows[variant] = {
                 "seeds": seeds_done,
                 "final_val": [curves[variant][s][-1]["miou"] for s in seeds_done],

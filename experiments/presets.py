@@ -21,6 +21,9 @@ full    convergence 1500 steps on both datasets (vanilla, reshaped, and on mnist
         To fit 100 minutes it trains fewer rows than quick: the encodings Kronecker, bits and one-hot
         (not rd, lattice, random: the paper's baseline set is not recoverable, and these are the two
         common codes) and no eps sweep (eps is not a claim of the paper).
+
+The time each preset took (and so whether it still fits its minutes) is on the results page, under
+*Time spent*.
 """
 
 from __future__ import annotations
