@@ -408,10 +408,11 @@ def test_the_paper_recipe_is_the_demo_recipe_without_its_additions():
     demo, paper = (flat_settings(load_config(name)) for name in ("mnist-seg", "paper-mnist-seg"))
     assert {key: paper[key] for key in PAPER_NETWORK} == PAPER_NETWORK
     # the demo keeps the paper's d = 3 and flowseg's default path and objective; besides its additions it
-    # differs only in the token loss's weight
+    # differs only in the token loss's weight, the validation size and its sampler's step count
     added = {key for key in PAPER_NETWORK if demo[key] != paper[key]}
     assert added == {"model.stem", "model.token_head", "eval.grid_shifts"}
-    assert {key for key in demo if demo[key] != paper[key]} == added | {"objective.token_loss_weight"}
+    assert {key for key in demo if demo[key] != paper[key]} == added | {
+        "objective.token_loss_weight", "train.val_samples", "eval.steps"}
 
 
 def test_every_run_starts_from_its_datasets_recipe_and_the_network_row_is_the_papers_network():
