@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py --out DIR                       # on a CUDA machine (docs/gpu.md)
     python benchmarks/gpu_check.py --out DIR --device cpu --tiny   # the same code on the CPU, toy sizes
+    python benchmarks/gpu_check.py --out DIR --sizes L/16 --skip attention adamw ddp   # one size's parts
 
 Parts, each timed with CUDA events (host clock on the CPU) after warm-up, median over --iters:
     machine    GPU, versions, and the measured bf16 matrix-product rate (the MFU denominator)
