@@ -77,6 +77,12 @@ def val_curve(run: Path) -> list[dict]:
     return [{"step": r["step"], "miou": r["miou"]} for r in records if r["kind"] == "val"]
 
 
+def speedup(curve: list[dict], vanilla: list[dict]) -> float | None:
+    """vanilla's final step / the steps `curve` takes to reach vanilla's final mIoU; None: it never does."""
+    reach = steps_to_reach(curve, vanilla[-1]["miou"])
+    return vanilla[-1]["step"] / reach if reach else None
+
+
 def summarize(out: Path, seeds: list[int]) -> dict:
     summary: dict = {}
     for dataset in DATASETS:
@@ -90,14 +96,12 @@ def summarize(out: Path, seeds: list[int]) -> dict:
             seeds_done = list(curves[variant])
             if not seeds_done:
                 continue
-            reach = {s: steps_to_reach(curves[variant][s], vanilla[s][-1]["miou"])
-                     for s in seeds_done if s in vanilla}
             rows[variant] = {
                 "seeds": seeds_done,
                 "final_val": [curves[variant][s][-1]["miou"] for s in seeds_done],
                 # None: never reached vanilla's final mIoU; "no vanilla": that seed's vanilla run is missing
-                "speedup": [("no vanilla" if s not in reach
-                             else vanilla[s][-1]["step"] / reach[s] if reach[s] else None) for s in seeds_done],
+                "speedup": [speedup(curves[variant][s], vanilla[s]) if s in vanilla else "no vanilla"
+                            for s in seeds_done],
                 "test": {steps: [next(r["miou"] for r in tests[variant][s] if r["steps"] == steps)
                                  for s in seeds_done] for steps in SWEEP},
                 "curves": {s: curves[variant][s] for s in seeds_done},
