@@ -2,10 +2,10 @@
 
 Every run is the base configuration (its dataset's shipped recipe, flowseg/configs/<dataset>.yaml, with
 the preset's model size, image size and budget, and the objective with the library's defaults,
-flowseg.objective.ObjectiveConfig()) plus the overrides of one variant. On mnist-seg that recipe is
-the demo's: the paper's network with a convolutional stem and the token loss, without which a T/4
-model stays at the constant-prediction floor for the first ~700 steps (docs/core.md); the paper's
-network itself is a row of the "network" ablation. An objective ablation compares values of one
+flowseg.objective.ObjectiveConfig()) plus the overrides of one variant. Both recipes (mnist-seg: the
+demo's) are the paper's network with a convolutional stem and the token loss, without which a T/4
+model on mnist-seg stays at the constant-prediction floor for the first ~700 steps (docs/core.md); the
+paper's network itself is a row of the "network" ablation. An objective ablation compares values of one
 ObjectiveConfig field; the row whose value is the default is the reference run itself, so when a
 default changes the plan follows it. Experiments share runs: the ablations' default rows, the
 encodings' "kronecker" row and the flow side of generative-vs-discriminative are all the variant
