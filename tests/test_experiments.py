@@ -397,7 +397,14 @@ def test_runs_are_shared_between_experiments_with_equal_budgets():
     keys = [spec.key for spec in planned_runs(shared)]
     assert len(keys) == len(set(keys))
     assert sum(f"/{REFERENCE}/" in key and key.startswith(micro.ablation_dataset) for key in keys) == 1
-    assert len(planned_runs(shared)) == len(planned_runs(micro)) - 2  # vanilla and reshaped run once
+    assert len(planned_runs(shared)) == len(planned_runs(micro)) - 1  # the reference runs once
+
+
+def test_vanilla_runs_only_at_the_convergence_budget_where_experiment_1_compares_it():
+    micro = get_preset("micro")
+    vanilla = [spec for spec in planned_runs(micro) if spec.variant.name == VANILLA]
+    assert {(spec.dataset, spec.budget_name) for spec in vanilla} == {(name, "convergence") for name in micro.datasets}
+    assert all(VANILLA not in [row.variant for row in g.rows] for g in ablation_groups(micro))
 
 
 # the settings of the paper's network that the demo's recipe (mnist-seg.yaml) changes
@@ -435,6 +442,12 @@ def test_a_sweep_given_one_value_is_no_ablation_and_the_encodings_follow_the_pre
     assert [name for name in variants(micro) if name.startswith("encoding=")] == ["encoding=onehot"]
     with pytest.raises(ValueError, match="kronecker"):
         dataclasses.replace(micro, encodings=("onehot", "kronecker"))
+    banded = {"ignore-masked", "ignore-unmasked"}
+    assert banded <= {spec.variant.name for spec in planned_runs(micro)}
+    unbanded = dataclasses.replace(micro, ignore_band=None)
+    assert not banded & {spec.variant.name for spec in planned_runs(unbanded)}
+    assert not [g.title for g in ablation_groups(unbanded) if g.title.startswith("ignore masking")]
+    assert len(ablation_groups(unbanded)) == len(ablation_groups(micro)) - 1
 
 
 def test_bounded_correction_runs_only_at_the_convergence_budget():
