@@ -24,7 +24,10 @@ full    convergence 1000 steps on both datasets (vanilla, reshaped, and on mnist
         fewer rows than quick: the encodings Kronecker and one-hot only (not rd, lattice, random: the
         paper's baseline set is not recoverable; not bits, for time), no eps sweep (eps is not a claim of
         the paper) and no ignore-masking group (on 32-px mnist-seg a 1-px band on each side of a 2-3 px
-        stroke leaves almost no digit to learn: both rows sat at the floor, 0.11 and 0.10).
+        stroke leaves almost no digit to learn: both rows sat at the floor, 0.11 and 0.10). 43800
+        training steps: 79.4 min on a 2-core machine, where the reference run scored 0.593 +- 0.003 test
+        mIoU (docs/notes/2026-12-04-full-preset-800.md); at the per-step rate of the run before (a slower
+        machine) the same plan would take ~98 min, so the margin is kept for such machines.
 
 The time each preset took (and so whether it still fits its minutes) is on the results page, under
 *Time spent*.
