@@ -442,6 +442,10 @@ def test_a_sweep_given_one_value_is_no_ablation_and_the_encodings_follow_the_pre
     assert [name for name in variants(micro) if name.startswith("encoding=")] == ["encoding=onehot"]
     with pytest.raises(ValueError, match="kronecker"):
         dataclasses.replace(micro, encodings=("onehot", "kronecker"))
+
+
+def test_a_preset_without_an_ignore_band_trains_no_ignore_masking_group():
+    micro = get_preset("micro")
     banded = {"ignore-masked", "ignore-unmasked"}
     assert banded <= {spec.variant.name for spec in planned_runs(micro)}
     unbanded = dataclasses.replace(micro, ignore_band=None)
