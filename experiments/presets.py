@@ -16,7 +16,7 @@ loss) validation mIoU leaves the constant-prediction floor after about 200 steps
 
 quick   convergence 500 steps on both datasets, ablations 200 steps, every ablation row: shows that
         every run trains and every section is written; the ablations are at the start of the takeoff.
-        (At 600 convergence steps it took 16.4 min on a 2-core machine running 0.23 s per step.)
+        30 tasks in 11.9 min on a 2-core machine (docs/notes/2026-12-04-full-preset-800.md).
 full    convergence 1000 steps on both datasets (vanilla, reshaped, and on mnist-seg the paper's
         unbounded correction), ablations 800 steps, 3 seeds. At 500 ablation steps the reference run
         scored 0.406 +- 0.035 test mIoU, below the 0.5 an ablation needs to measure more than noise; trained
