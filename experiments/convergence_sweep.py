@@ -30,7 +30,7 @@ DATASETS = {"mnist-seg": ["mnist-seg"], "shapes": ["shapes"]}
 VARIANTS = {
     "vanilla": ["objective.kind=vanilla"],
     "reshaped": [],
-    "unbounded": ["objective.correction_clip=null"],
+    "unbounded": ["objective.correction_clip=null", "objective.lam=1.0"],  # the paper's target
     "clip0.25": ["objective.correction_clip=0.25"],
     "clip1": ["objective.correction_clip=1.0"],
     "repa": ["repa.teacher=efficientnet-lite0"],

@@ -86,7 +86,7 @@ def convergence(results: Results) -> Convergence:
 
 def bounded_correction(results: Results, curves: dict[str, Curves]) -> list[Cells]:
     """The reshaped objective at the preset's other bounds on its correction (objective.correction_clip;
-    None: unbounded, the paper's target) at the convergence budget on the ablation dataset, against
+    None: the paper's target, unbounded at lambda = 1) at the convergence budget on the ablation dataset, against
     vanilla and the reference run of the same seeds: one row per bound; adds each run's curves to `curves`."""
     preset = results.preset
     dataset = preset.ablation_dataset
@@ -99,7 +99,7 @@ def bounded_correction(results: Results, curves: dict[str, Curves]) -> list[Cell
             continue
         test = {name: {s: runs[s]["test"]["miou"] for s in seeds}
                 for name, runs in (("bounded", bounded), ("reshaped", reshaped), ("vanilla", vanilla))}
-        label = "reshaped, unbounded correction" if c is None else f"reshaped, correction <= {c:g}"
+        label = "reshaped, the paper's correction (unbounded, lambda 1)" if c is None else f"reshaped, correction <= {c:g}"
         rows.append([label, mean_sd([bounded[s]["curve"][-1]["miou"] for s in seeds]),
                      mean_sd(list(test["bounded"].values())),
                      mean_sd(paired_differences(test["bounded"], test["reshaped"])),

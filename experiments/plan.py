@@ -29,6 +29,7 @@ DISCRIMINATIVE = "discriminative"
 PAPER_NETWORK = "paper-network"  # PixNerd's linear patch embedding and the flow-matching loss alone
 METHOD_TAU = 1.0        # the tau of docs/method.md, section 3: always a row of the temperature sweep
 PAPER_T_ZERO_FRACTION = 0.0  # the paper draws t ~ U[0, 1]: no extra draws at t = 0
+PAPER_LAM = 1.0         # the paper's lambda, which its unbounded target (correction_clip None) comes with
 TRANSFORM_LABELS = {"neg_log": "-log(d + eps)", "inverse": "1 / (d + eps)", "sqrt": "sqrt(d)", "identity": "d"}
 SCHEDULE_LABELS = {"constant": "static (constant lambda)", "annealed": "annealed (lambda -> 0)"}
 PARAMETERIZATION_LABELS = {"v": "v-prediction", "x": "x-prediction"}
@@ -117,7 +118,7 @@ def objective_variant(field: str, value: object) -> str:
 
 def bounded_variants(preset: Preset) -> dict[str, float | None]:
     """Run name -> correction bound, for the preset's bounds other than the default (the reference run
-    covers the default; None there means unbounded, the paper's target)."""
+    covers the default; None there means the paper's target: unbounded, at the paper's lambda)."""
     return {objective_variant("correction_clip", c): c for c in preset.correction_clips
             if objective_variant("correction_clip", c) != REFERENCE}
 
@@ -130,7 +131,8 @@ def variants(preset: Preset) -> dict[str, Variant]:
         *(Variant(objective_variant(field, value), (f"objective.{field}={value}",))
           for field, values in objective_sweeps(preset).items() for value in values
           if objective_variant(field, value) != REFERENCE),
-        *(Variant(name, (f"objective.correction_clip={'null' if c is None else c}",))
+        *(Variant(name, (f"objective.correction_clip={c}",) if c is not None
+                  else ("objective.correction_clip=null", f"objective.lam={PAPER_LAM}"))
           for name, c in bounded_variants(preset).items()),
         *((Variant("ignore-masked", (band,)), Variant("ignore-unmasked", (band, "objective.mask_ignore=false")))
           if preset.ignore_band is not None else ()),

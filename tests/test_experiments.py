@@ -344,7 +344,7 @@ def test_page_from_made_up_results_quotes_them_and_judges_each_claim(fake_pages)
         "partly: faster, by less than the paper's 2x |",
         "| mnist-seg: reshaped beats vanilla at equal steps | yes (ADE20K) | 10.0 ± 0.0 mIoU points (test: 10.0 ± 0.0) "
         "| agrees |",
-        "| reshaped, unbounded correction |",
+        "| reshaped, the paper's correction (unbounded, lambda 1) |",
         # 2: the diverged run is named, the paper's number quoted
         "| 28.32 | seed 1 diverged at step 3 |",
         # 4: 1 step at 0.9 / 1.1 = 0.818 of 10 steps, outside the paper's 92% +- 5
@@ -458,7 +458,7 @@ def test_bounded_correction_runs_only_at_the_convergence_budget():
     micro = get_preset("micro")
     bounded = [spec for spec in planned_runs(micro) if spec.variant.name == "correction_clip=None"]
     assert [(spec.dataset, spec.budget_name) for spec in bounded] == [(micro.ablation_dataset, "convergence")]
-    assert bounded[0].overrides()[-1] == "objective.correction_clip=null"
+    assert bounded[0].overrides()[-2:] == ["objective.correction_clip=null", "objective.lam=1.0"]  # the paper's target
     unbounded = dataclasses.replace(micro, correction_clips=())
     assert len(planned_runs(unbounded)) == len(planned_runs(micro)) - 1
 
@@ -515,7 +515,7 @@ def test_micro_preset_writes_the_page_and_every_figure(micro_run):
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{name})" in text
     assert "torch " + torch.__version__ in text and "seeds: 0" in text
-    assert "**Bounded correction**" in text and "| reshaped, unbounded correction |" in text
+    assert "**Bounded correction**" in text and "| reshaped, the paper's correction (unbounded, lambda 1) |" in text
     default = ObjectiveConfig()
     micro = get_preset("micro")
     rows = [*group(micro, "temperature tau").rows, *group(micro, "share of t = 0 draws").rows]
