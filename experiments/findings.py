@@ -16,7 +16,7 @@ import numpy as np
 
 from experiments.diagnostics import FieldPicture, field_picture
 from experiments.plan import (
-    DISCRIMINATIVE, REFERENCE, VANILLA, AblationGroup, ablation_groups, ablation_variants,
+    CATEGORICAL, DISCRIMINATIVE, REFERENCE, VANILLA, AblationGroup, ablation_groups, ablation_variants,
     bounded_variants, encoding_variant,
 )
 from experiments.results import Results, mean_sd, paired_differences, ratio, status_note, steps_to_reach
@@ -255,30 +255,38 @@ def sampling(results: Results) -> Sampling | None:
 
 @dataclass
 class GenerativeVsDiscriminative:
-    rows: list[Cells]                    # the flow model and its twin: parameters, steps, seconds, test mIoU, note
+    rows: list[Cells]                    # the two flow models and the twin: parameters, steps, seconds, test mIoU, note
     verdicts: list[Verdict]
 
 
 def generative_vs_discriminative(results: Results) -> GenerativeVsDiscriminative:
-    """The reference flow run against the discriminative twin trained for the same time."""
+    """The reference flow run and the categorical flow against the discriminative twin trained for the
+    same time as the reference."""
     dataset = results.preset.ablation_dataset
     cases = results.cost["cases"] if results.cost else {}
     params = {"flow": cases["train/reshaped"]["parameters"],
               "discriminative": cases["train/discriminative"]["parameters"]} if cases else {}
+    models = (("generative (reshaped flow)", "reshaped flow", REFERENCE),
+              ("generative (categorical flow)", "categorical flow", CATEGORICAL),
+              ("discriminative twin (cross-entropy)", None, DISCRIMINATIVE))
     rows, values = [], {}
-    for label, variant, kind in (("generative (reshaped flow)", REFERENCE, "flow"),
-                                 ("discriminative twin (cross-entropy)", DISCRIMINATIVE, "discriminative")):
+    for label, _, variant in models:
         runs = results.runs(dataset, variant, "ablation")
         done = [r for r in runs if r["status"] == "done"]
-        values[kind] = results.test_miou(dataset, variant, "ablation")
-        rows.append([label, f"{params.get(kind, 0) / 1e6:.2f} M",
-                     mean_sd([r["steps"] for r in done], 1.0, 0), mean_sd([r["train_seconds"] for r in done], 1.0, 1),
-                     mean_sd(list(values[kind].values())), status_note(runs)])
-    diffs = paired_differences(values["flow"], values["discriminative"])
-    return GenerativeVsDiscriminative(rows, [Verdict(
-        "generative >= discriminative at equal size and training time",
-        "FlowSeg 47.1 vs SegFormer-B2 46.5 (other architectures)", f"{mean_sd(diffs)} mIoU points",
-        judge(diffs, len(results.preset.seeds)))])
+        values[variant] = results.test_miou(dataset, variant, "ablation")
+        # the categorical flow's network is the reference's with N logits out of the field decoder instead of d
+        size = {REFERENCE: f"{params.get('flow', 0) / 1e6:.2f} M", CATEGORICAL: "as above, N outputs",
+                DISCRIMINATIVE: f"{params.get('discriminative', 0) / 1e6:.2f} M"}[variant]
+        rows.append([label, size, mean_sd([r["steps"] for r in done], 1.0, 0),
+                     mean_sd([r["train_seconds"] for r in done], 1.0, 1), mean_sd(list(values[variant].values())),
+                     status_note(runs)])
+    verdicts = []
+    for _, flow, variant in models[:2]:
+        diffs = paired_differences(values[variant], values[DISCRIMINATIVE])
+        verdicts.append(Verdict(f"generative ({flow}) >= discriminative at equal size and training time",
+                                "FlowSeg 47.1 vs SegFormer-B2 46.5 (other architectures)", f"{mean_sd(diffs)} mIoU points",
+                                judge(diffs, len(results.preset.seeds))))
+    return GenerativeVsDiscriminative(rows, verdicts)
 
 
 # ---- 6. diagnostics ------------------------------------------------------------------------------

@@ -41,9 +41,11 @@ def build_network(config: Config, num_classes: int) -> tuple[nn.Module, Category
                            token_classes=token_classes, stem=config.model.stem), None
     # random centroids mu_k are drawn from train.seed; a checkpoint stores the ones it was trained with
     encoding = build_encoding(config.model.encoding, num_classes, config.model.dim, seed=config.train.seed)
+    # the categorical objective's network outputs N class logits instead of a d-channel v
+    categorical = config.objective.kind == "categorical"
     model = build_model("flow", config.model.size, dim=encoding.dim,
                         image_conditioning=config.model.image_conditioning, token_classes=token_classes,
-                        stem=config.model.stem)
+                        stem=config.model.stem, out_channels=num_classes if categorical else None)
     return model, encoding
 
 

@@ -187,6 +187,12 @@ class CategoryEncoding:
             labels[start : start + block] = best_class
         return labels.view(batch, height, width)
 
+    def posterior_mean(self, p: Tensor) -> Tensor:
+        """x1_hat = sum_k p_k mu_k, the mean code under class probabilities p: (B, N, H, W) -> (B, d, H, W)."""
+        if p.dim() != 4 or p.shape[1] != self.num_classes:
+            raise ValueError(f"p must have shape (B, {self.num_classes}, H, W), got {tuple(p.shape)}")
+        return torch.einsum("bnhw,nd->bdhw", p, self.centroids.to(device=p.device, dtype=p.dtype))
+
     def soft_assign(self, x: Tensor, tau: float = 1.0, eps: float = 1e-3, transform: str = "neg_log") -> Tensor:
         """p_k = softmax_k(T(d_k) / tau), default T(d) = -log(d + eps): (B, d, H, W) -> (B, N, H, W)."""
         if tau <= 0 or eps <= 0:

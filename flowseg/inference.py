@@ -5,9 +5,13 @@ resolution, and from them labels = argmax_k p_k and confidence = max_k p_k:
 
     flow model:           x_0 = image, integrate dx/dt = v_theta(x, t, I) to t = 1,
                           p_k = softmax_k(T(||x_1 - mu_k||^2) / tau)
+    categorical flow:     the same integration with v from the network's posterior (objective.py); p is
+                          the posterior of the last step's state, p_theta(x_1 | x_{t_{S-1}}, t_{S-1}, I)
     discriminative twin:  p = softmax(logits)
 
-argmax_k p_k is the nearest centroid (T is decreasing), so labels equal encoding.decode(x_1). Working
+For the flow model argmax_k p_k is the nearest centroid (T is decreasing), so labels equal
+encoding.decode(x_1). The categorical flow's last step lands on the posterior mean sum_k p_k mu_k, whose
+nearest centroid can be a third class; its p is the posterior itself. Working
 with p rather than x_1 lets predictions be resized and averaged across windows without inventing
 classes: the mean of two centroids can lie nearest to a third class, the mean of two p's cannot.
 
@@ -49,6 +53,7 @@ from flowseg.config import Config
 from flowseg.distributed import autocast
 from flowseg.encoding import CategoryEncoding
 from flowseg.flow import image_to_x0
+from flowseg.objective import FlowMatchingObjective
 from flowseg.sampling import integrate
 
 PROGRESS_DELAY_S = 2.0  # a progress bar (on a terminal) appears once sliding inference has run this long
@@ -69,6 +74,8 @@ class Segmenter:
         self.device = device or next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.encoding = encoding.to(self.device) if encoding is not None else None
+        # turns the network's output into v: v itself, x1_hat (x-prediction) or class logits (categorical)
+        self.objective = FlowMatchingObjective(self.encoding, config.objective) if encoding is not None else None
         self.config = config
         self.patch = model.size.patch_size
         shifts = config.eval.grid_shifts
@@ -112,11 +119,22 @@ class Segmenter:
             if not self.is_flow:
                 return torch.softmax(self.model(image, query_scale=scale).out.float(), dim=1)
 
+            categorical = self.config.objective.kind == "categorical"
+            posteriors: dict[int, Tensor] = {}  # categorical: step index i -> p_theta(x_1 | x_{t_i}), (B, N, H, W)
+
             def velocity(x: Tensor, t: Tensor, img: Tensor) -> Tensor:
-                return self.model(x, t, img, query_scale=scale).out.float()
+                out = self.model(x, t, img, query_scale=scale).out.float()
+                if categorical:
+                    # the last call at each t_i is at the state x_i (Heun's predictor at t_i comes before it)
+                    posteriors[round(float(t[0]) * steps)] = out.softmax(1)
+                return self.objective.velocity(out, x, t)
 
             sample = integrate(velocity, image_to_x0(image, self.encoding.dim), image, steps,
                                self.config.eval.sampler, return_trajectory=every_step)
+        if categorical:  # the posteriors at x_0..x_{S-1}, then the answer (the one at x_{S-1}) again
+            if not every_step:
+                return posteriors[steps - 1]
+            return torch.stack([posteriors[i] for i in range(steps)] + [posteriors[steps - 1]], 1).flatten(0, 1)
         # (S+1, B, d, H, W) -> (B (S+1), d, H, W): each image's states side by side, so the shifts,
         # resizing and windows below treat them as a batch
         states = sample.trajectory.transpose(0, 1).flatten(0, 1) if every_step else sample.x1
@@ -182,8 +200,9 @@ class Segmenter:
         """image (B, 3, H, W) in [-1, 1] -> p (B, N, H, W) by the configured inference mode.
 
         every_step (flow models): p_k = softmax_k(T(||x_{t_i} - mu_k||^2) / tau) of every state of the
-        integration, t_i = i / S for i = 0..S, each through the same shifts, resizing and windows as the
-        answer: (B, S+1, N, H, W), whose last state is the answer p. It holds S+1 times the memory."""
+        integration, t_i = i / S for i = 0..S (categorical: the posterior at x_0..x_{S-1}, then the answer),
+        each through the same shifts, resizing and windows as the answer: (B, S+1, N, H, W), whose last
+        state is the answer p. It holds S+1 times the memory."""
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"image must have shape (B, 3, H, W), got {tuple(image.shape)}")
         if every_step and not self.is_flow:

@@ -13,6 +13,17 @@ correction's norm by c (correction_clip, default 1.5 at lambda = 3; the paper's 
 centroid at distance r the unbounded -log correction grows like 2 / (tau r) (docs/core.md, "How large
 the correction gets").
 
+The categorical objective (variational flow matching, Eijkelboom et al. 2024) has the network output
+logits z (B, N, H, W) of p_theta(x_1 = mu_k | x_t, t, I) instead of v, on the same path:
+
+    x1_hat = sum_k p_k mu_k,   v = (x1_hat - x_t) / (1 - t),   L = -mean over labelled pixels of log p_label
+
+On the straight path x_1 - x_0 = (x_1 - x_t) / (1 - t), so E[v* | x_t, I] = (E[x_1 | x_t, I] - x_t) / (1 - t):
+a p_theta that matches the true posterior gives the flow matching optimum. The loss is the
+cross-entropy the correction approximates (-grad pulls towards mu_true with weight 1 - p_true and
+pushes from mu_k with weight p_k), taken over free logits instead of distances to the centroids, so
+there is no correction and lambda, tau, eps and T do not apply.
+
 A training step draws the path (sample_path), runs its network on x_t, and scores the output (loss);
 `targets` and calling the objective do all three for a velocity callable (x_t, t, image) -> (B, d, H, W).
 """
@@ -22,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from flowseg.correction import distance_correction
@@ -30,8 +42,8 @@ from flowseg.flow import (
     PARAMETERIZATIONS, interpolate, noisy_x0, sample_t, target_velocity, to_clean_estimate, to_velocity,
 )
 
-Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, image) -> output (B, d, H, W): v or x1_hat
-KINDS = ("vanilla", "reshaped")
+Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, image) -> output: v, x1_hat or logits
+KINDS = ("vanilla", "reshaped", "categorical")
 LAM_SCHEDULES = ("constant", "annealed")
 
 
@@ -43,7 +55,7 @@ class LossOutput:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "reshaped"               # "vanilla" | "reshaped"
+    kind: str = "reshaped"               # "vanilla" | "reshaped" | "categorical" (module docstring)
     transform: str = "neg_log"           # T(d): "neg_log" | "inverse" | "sqrt" | "identity"
     tau: float = 0.5                     # softmax temperature (docs/core.md on why not 1)
     eps: float = 1e-3
@@ -79,6 +91,10 @@ class ObjectiveConfig:
         for field in ("lam", "token_loss_weight", "x0_noise"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"ObjectiveConfig.{field} must be >= 0, got {getattr(self, field)!r}")
+        if self.kind == "categorical" and self.parameterization != "v":
+            raise ValueError("ObjectiveConfig.parameterization applies to a network that outputs v or x1_hat; "
+                             "the categorical objective's network outputs class logits: leave it at 'v', got "
+                             f"{self.parameterization!r}")
         if self.correction_clip is not None and not self.correction_clip > 0:
             raise ValueError(f"ObjectiveConfig.correction_clip must be > 0 or None, got {self.correction_clip!r}")
         if not 0.0 <= self.t_zero_fraction <= 1.0:
@@ -145,14 +161,27 @@ class FlowMatchingObjective:
                      zero_fraction=self.config.t_zero_fraction)
         return PathSample(t, x0, x1, interpolate(x0, x1, t), labels, valid)
 
+    def clean_estimate(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x1_hat from a network output on x_t: x_t + (1 - t) v (v-prediction), the output (x-prediction),
+        or sum_k p_k mu_k with p = softmax of the logits (categorical)."""
+        if self.config.kind == "categorical":
+            return self.encoding.posterior_mean(output.softmax(1))
+        return to_clean_estimate(output, x_t, t, self.config.parameterization)
+
+    def velocity(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """v from a network output on x_t: the output (v-prediction), else (x1_hat - x_t) / (1 - t)."""
+        if self.config.kind == "categorical":
+            return to_velocity(self.clean_estimate(output, x_t, t), x_t, t, "x")
+        return to_velocity(output, x_t, t, self.config.parameterization)
+
     def targets_for(self, output: Tensor, path: PathSample, progress: float = 0.0) -> FlowTargets:
-        """The targets of a network output (B, d, H, W) on path.x_t (v, or x1_hat under x-prediction)."""
+        """The targets of a network output on path.x_t: v or x1_hat (B, d, H, W), or logits (B, N, H, W)."""
         cfg = self.config
-        v_pred = to_velocity(output, path.x_t, path.t, cfg.parameterization)
+        v_pred = self.velocity(output, path.x_t, path.t)
         v_star = target_velocity(path.x_0, path.x_1)
         lam = self.lam_at(progress)
         with torch.no_grad():
-            x1_hat = to_clean_estimate(output.detach(), path.x_t, path.t, cfg.parameterization)
+            x1_hat = self.clean_estimate(output.detach(), path.x_t, path.t)
             v_target = v_star
             if cfg.kind == "reshaped" and lam > 0:
                 grad = distance_correction(x1_hat, path.labels, self.encoding.centroids, cfg.tau, cfg.eps,
@@ -167,7 +196,15 @@ class FlowMatchingObjective:
 
     def loss(self, output: Tensor, path: PathSample, progress: float = 0.0) -> LossOutput:
         """L for a network output on path.x_t, with the plain flow matching loss and the mean correction
-        norm as metrics."""
+        norm as metrics; for the categorical objective the cross-entropy of the logits (B, N, H, W)
+        against the labels, over labelled pixels (it has no target at an ignore pixel, masked or not)."""
+        if self.config.kind == "categorical":
+            if output.shape[1] != self.encoding.num_classes:
+                raise ValueError(f"the categorical objective scores {self.encoding.num_classes} class logits "
+                                 f"per pixel, got an output of shape {tuple(output.shape)}")
+            count = path.valid.sum().clamp_min(1)
+            ce = F.cross_entropy(output, path.labels, ignore_index=IGNORE_INDEX, reduction="sum") / count
+            return LossOutput(ce, {"loss_ce": ce.detach()})
         f = self.targets_for(output, path, progress)
         loss = _masked_mean((f.v_pred - f.v_target).square().sum(1), f.weight)
         with torch.no_grad():

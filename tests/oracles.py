@@ -50,6 +50,25 @@ class OracleFlow(nn.Module):
         return FieldOutput((target - x) / (1 - t.view(-1, 1, 1, 1)).clamp_min(1e-6), None)
 
 
+class OracleCleanEstimate(OracleFlow):
+    """x-prediction: x1_hat(x, t, I) = mu_{f(label(I))}; integrated as v = (x1_hat - x) / (1 - t), Euler
+    lands on it at t = 1 (read as a velocity it would not)."""
+
+    def forward(self, x, t, image, query_scale=1):
+        return FieldOutput(self.encoding.centroids[self.mapping[labels_in_image(image)]].permute(0, 3, 1, 2), None)
+
+
+class OracleCategorical(OracleFlow):
+    """Categorical: the posterior puts 0.34 on f(label) and 0.33 on each of the next two classes (mod N),
+    whatever x and t; the posterior mean of such a p can lie nearest a third class."""
+
+    def forward(self, x, t, image, query_scale=1):
+        first = self.mapping[labels_in_image(image)]  # (B, H, W)
+        p = sum(share * nn.functional.one_hot((first + shift) % NUM_CLASSES, NUM_CLASSES)
+                for shift, share in ((0, 0.34), (1, 0.33), (2, 0.33)))
+        return FieldOutput(p.clamp_min(1e-12).log().permute(0, 3, 1, 2).float(), None)
+
+
 class OracleTwin(OracleFlow):
     def forward(self, image, query_scale=1):
         labels = self.mapping[labels_in_image(image)]
@@ -85,10 +104,11 @@ def make_labels(count=5, size=(8, 12), seed=0):
     return labels
 
 
-def oracle_segmenter(mapping=(0, 1, 2, 3), twin=False, *overrides):
+def oracle_segmenter(mapping=(0, 1, 2, 3), twin=False, *overrides, oracle=None):
+    """A Segmenter of OracleFlow, OracleTwin (twin=True) or another oracle class of this module."""
     config = load_config(None, ["data.image_size=8", "eval.batch_size=2", *overrides])
     encoding = build_encoding("kronecker", NUM_CLASSES)
-    model = OracleTwin(encoding, mapping) if twin else OracleFlow(encoding, mapping)
+    model = (oracle or (OracleTwin if twin else OracleFlow))(encoding, mapping)
     return Segmenter(model, None if twin else encoding, config, torch.device("cpu"))
 
 

@@ -161,6 +161,18 @@ def test_soft_assign_closed_form_and_confidence():
     assert torch.equal(enc.soft_assign(x).argmax(1), enc.decode(x))
 
 
+def test_posterior_mean_is_the_centroid_of_a_sure_class_and_the_mean_of_a_uniform_p():
+    enc = build_encoding("kronecker", 5)
+    labels = torch.tensor([[[0, 4], [2, 3]]])
+    sure = torch.nn.functional.one_hot(labels, 5).permute(0, 3, 1, 2).float()  # (1, 5, 2, 2)
+    assert torch.equal(enc.posterior_mean(sure), enc.centroids[labels].permute(0, 3, 1, 2))
+    uniform = torch.full((1, 5, 2, 2), 0.2)
+    expected = enc.centroids.mean(0).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    torch.testing.assert_close(enc.posterior_mean(uniform), expected)
+    with pytest.raises(ValueError, match=r"p must have shape \(B, 5, H, W\), got \(1, 4, 2, 2\)"):
+        enc.posterior_mean(torch.zeros(1, 4, 2, 2))
+
+
 def test_transforms_rank_closer_classes_higher_and_weight_is_minus_slope():
     d = torch.tensor([0.0, 0.01, 0.5, 2.0, 10.0], dtype=torch.float64)
     h = 1e-7

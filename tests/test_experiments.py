@@ -16,7 +16,7 @@ from experiments.diagnostics import (
     field_picture, measure_signal, pixel_signal, sampled_traversal, signal_profile, straight_traversal, traversal_stats,
 )
 from experiments.figures import COLOURS, curve_colours
-from experiments.plan import REFERENCE, VANILLA, ablation_groups, planned_runs, variants
+from experiments.plan import CATEGORICAL, REFERENCE, VANILLA, ablation_groups, planned_runs, variants
 from experiments.presets import Budget
 from experiments.report import read_blocks, t_draws, write_report
 from experiments.results import constant_prediction_miou, mean_sd, steps_to_reach
@@ -345,6 +345,10 @@ def test_page_from_made_up_results_quotes_them_and_judges_each_claim(fake_pages)
         "| mnist-seg: reshaped beats vanilla at equal steps | yes (ADE20K) | 10.0 ± 0.0 mIoU points (test: 10.0 ± 0.0) "
         "| agrees |",
         "| reshaped, the paper's correction (unbounded, lambda 1) |",
+        # 5: both flows against the twin, each with its verdict
+        "| generative (categorical flow) | as above, N outputs | 2 ± 0 |",
+        "| generative (categorical flow) >= discriminative at equal size and training time |",
+        "| generative (reshaped flow) >= discriminative at equal size and training time |",
         # 2: the diverged run is named, the paper's number quoted
         "| 28.32 | seed 1 diverged at step 3 |",
         # 4: 1 step at 0.9 / 1.1 = 0.818 of 10 steps, outside the paper's 92% +- 5
@@ -461,6 +465,14 @@ def test_bounded_correction_runs_only_at_the_convergence_budget():
     assert bounded[0].overrides()[-2:] == ["objective.correction_clip=null", "objective.lam=1.0"]  # the paper's target
     unbounded = dataclasses.replace(micro, correction_clips=())
     assert len(planned_runs(unbounded)) == len(planned_runs(micro)) - 1
+
+
+def test_the_categorical_flow_trains_at_the_ablation_budget_with_its_t_zero_share():
+    micro = get_preset("micro")
+    runs = [spec for spec in planned_runs(micro) if spec.variant.name == CATEGORICAL]
+    assert {(spec.dataset, spec.budget_name) for spec in runs} == {(micro.ablation_dataset, "ablation")}
+    assert len(runs) == len(micro.seeds)
+    assert runs[0].overrides()[-2:] == ["objective.kind=categorical", "objective.t_zero_fraction=0.75"]
 
 
 def test_ade20k_root_adds_convergence_runs_reading_it(tmp_path):

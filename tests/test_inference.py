@@ -13,7 +13,9 @@ from flowseg.config import load_config
 from flowseg.encoding import IGNORE_INDEX
 from flowseg.inference import Segmenter
 from flowseg.models import FieldOutput
-from oracles import NUM_CLASSES, CornerTwin, make_labels, oracle_segmenter, paint
+from oracles import (
+    NUM_CLASSES, CornerTwin, OracleCategorical, OracleCleanEstimate, make_labels, oracle_segmenter, paint,
+)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
@@ -192,6 +194,34 @@ def test_every_step_gives_the_answer_of_the_integration_stopped_at_each_step(mod
     plain = Segmenter(network, encoding, config, torch.device("cpu")).probabilities(image, steps)
     torch.testing.assert_close(states[:, -1], plain, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(states[:, 0], states[:, -1])  # the flow does move the answer
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_an_x_prediction_model_is_integrated_through_its_clean_estimate(steps):
+    segmenter = oracle_segmenter((2, 3, 0, 1), False, "objective.parameterization=x", oracle=OracleCleanEstimate)
+    label = make_labels(count=1)[0]
+    labelled = label != IGNORE_INDEX
+    predicted = segmenter.predict(paint(label)[None], steps=steps).labels[0]
+    assert torch.equal(predicted[labelled], torch.tensor([2, 3, 0, 1])[label[labelled]])
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_a_categorical_flow_answers_its_last_posterior_not_the_nearest_centroid_of_its_mean(sampler):
+    segmenter = oracle_segmenter((0, 1, 2, 3), False, "objective.kind=categorical", f"eval.sampler={sampler}",
+                                 oracle=OracleCategorical)
+    labels = make_labels(count=2)
+    image = torch.stack([paint(label) for label in labels])
+    steps = 3
+    p = segmenter.probabilities(image, steps)
+    expected = segmenter.model(None, torch.zeros(2), image).out.softmax(1)  # the oracle ignores x and t
+    labelled = torch.stack(labels) != IGNORE_INDEX
+    torch.testing.assert_close(p.permute(0, 2, 3, 1)[labelled], expected.permute(0, 2, 3, 1)[labelled])
+    # the test means something: some pixels' posterior mean is nearest a class other than the answer
+    mean_nearest = segmenter.encoding.decode(segmenter.encoding.posterior_mean(expected))
+    assert (mean_nearest != p.argmax(1))[labelled].any()
+    states = segmenter.probabilities(image, steps, every_step=True)
+    assert states.shape == (2, steps + 1, NUM_CLASSES, 8, 12)
+    torch.testing.assert_close(states[:, -1], p)
 
 
 def test_every_step_needs_a_flow_model():

@@ -1,4 +1,7 @@
-"""The flow matching objective: closed forms, the reshaped target against autograd, masking, schedules."""
+"""The flow matching objective: closed forms, the reshaped target against autograd, masking, schedules,
+the categorical objective."""
+import math
+
 import pytest
 import torch
 
@@ -182,6 +185,44 @@ def test_sample_path_is_the_straight_path_from_the_image_to_the_encoded_mask(mas
         objective.sample_path(image, labels[:, :3])
 
 
+def categorical_logits(labels, n, margin):
+    """Logits with `margin` on each pixel's label and 0 elsewhere; garbage at ignore pixels."""
+    logits = margin * torch.nn.functional.one_hot(labels.clamp(max=n - 1), n).permute(0, 3, 1, 2).double()
+    return torch.where((labels == IGNORE_INDEX).unsqueeze(1), torch.full_like(logits, 1e3), logits)
+
+
+@pytest.mark.parametrize("margin", [0.0, 2.0])
+def test_categorical_loss_is_the_cross_entropy_over_labelled_pixels(margin):
+    # -log p_label = log(1 + (N - 1) e^-margin) at every labelled pixel (log N for zero logits); the
+    # ignore pixels' logits are garbage and must not count, masked or not
+    n = 7
+    image, labels = make_batch(n)
+    for mask_ignore in (True, False):
+        objective = FlowMatchingObjective(build_encoding("kronecker", n),
+                                          ObjectiveConfig(kind="categorical", mask_ignore=mask_ignore))
+        out = objective.loss(categorical_logits(labels, n, margin), objective.sample_path(image, labels))
+        assert out.loss.item() == pytest.approx(math.log(1 + (n - 1) * math.exp(-margin)), rel=1e-9)
+        assert out.metrics["loss_ce"].item() == pytest.approx(out.loss.item())
+
+
+def test_categorical_velocity_is_the_straight_velocity_for_a_sure_class_and_points_at_the_mean_for_uniform_p():
+    # p = one-hot(label): x1_hat = x_1, so v = (x_1 - x_t) / (1 - t) = x_1 - x_0 on the straight path;
+    # zero logits: v = (mean of the mu_k - x_t) / (1 - t)
+    n = 7
+    encoding = build_encoding("kronecker", n)
+    image, labels = make_batch(n)
+    objective = FlowMatchingObjective(encoding, ObjectiveConfig(kind="categorical"))
+    path = objective.sample_path(image, labels, generator=torch.Generator().manual_seed(2))
+    assert (path.t < 0.95).all()  # away from the end, where the gap 1 - t is clipped at 0.05
+    valid = path.valid.unsqueeze(1).expand_as(path.x_1)
+    sure = objective.targets_for(categorical_logits(labels, n, 1e4).float(), path)
+    torch.testing.assert_close(sure.v_pred[valid], (path.x_1 - path.x_0)[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sure.x1_hat[valid], path.x_1[valid])
+    uniform = objective.velocity(torch.zeros(3, n, 4, 5), path.x_t, path.t)
+    gap = (1 - path.t).view(-1, 1, 1, 1)
+    torch.testing.assert_close(uniform, (encoding.centroids.mean(0).view(1, 3, 1, 1) - path.x_t) / gap)
+
+
 def test_objective_rejects_bad_input():
     enc = build_encoding("kronecker", 7)
     image, labels = make_batch()
@@ -204,6 +245,11 @@ def test_objective_rejects_bad_input():
         ObjectiveConfig(t_zero_fraction=1.5)
     with pytest.raises(ValueError, match="token_loss_weight must be >= 0"):
         ObjectiveConfig(token_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="the categorical objective's network outputs class logits: leave it at 'v', got 'x'"):
+        ObjectiveConfig(kind="categorical", parameterization="x")
+    categorical = FlowMatchingObjective(enc, ObjectiveConfig(kind="categorical"))
+    with pytest.raises(ValueError, match=r"scores 7 class logits per pixel, got an output of shape \(3, 3, 4, 5\)"):
+        categorical(zero_model, image, labels)
 
 
 def test_noisy_path_starts_from_the_image_plus_noise_and_its_target_is_the_straight_velocity():

@@ -153,9 +153,11 @@ def test_per_step_lines_go_to_the_log_file_only_also_beside_a_progress_bar(tmp_p
     assert "stopped by the steps budget" in console.err
 
 
-def test_twin_learns_a_small_training_set(tmp_path):
-    """The loop optimises: the discriminative twin fits 4 shapes images far better than at the start."""
-    config = tiny_config(tmp_path, "model.kind=discriminative", "train.steps=40", "train.ckpt_every=0",
+@pytest.mark.parametrize("model", ["model.kind=discriminative", "objective.kind=categorical"])
+def test_twin_and_categorical_flow_learn_a_small_training_set(tmp_path, model):
+    """The loop optimises: the discriminative twin, and the categorical flow through its sampler, fit 4
+    shapes images far better than at the start."""
+    config = tiny_config(tmp_path, model, "train.steps=40", "train.ckpt_every=0",
                          "optim.lr=3e-3", "optim.ema_decay=0.0", "train.val_samples=4", "eval.split=train")
     train_set, _ = tiny_datasets(train_size=4)
     losses = []
@@ -166,6 +168,8 @@ def test_twin_learns_a_small_training_set(tmp_path):
             losses.append(record["loss"])
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     assert result.validation.pixel_accuracy > 0.8
+    segmenter, _ = load_segmenter(result.checkpoint)  # the flow rebuilds with its N-logit output
+    assert segmenter.model.field.out.out_features == 7
 
 
 @pytest.mark.parametrize("kind", ["flow", "discriminative"])

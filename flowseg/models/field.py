@@ -314,17 +314,21 @@ class FieldTransformerBase(nn.Module):
 
 
 class PixelFieldTransformer(FieldTransformerBase):
-    """The velocity model v_theta(x_t, t, I): (B, d, H, W) in, FieldOutput with out (B, d, H, W).
+    """The flow model on x_t (B, d, H, W): FieldOutput with out (B, d, H, W), v or x1_hat, or with
+    out_channels = N the logits (B, N, H, W) of p_theta(x_1 = mu_k | x_t, t, I) (the categorical objective).
 
     With image_conditioning the network input is u = [x_t, I] (d + 3 channels) for both the stem and
     the per-pixel field input; without it u = x_t, as in PixNerd, and image is ignored.
     """
 
     def __init__(self, size: str | ModelSize, dim: int, image_conditioning: bool = True,
-                 token_classes: int | None = None, stem: str = "patch"):
+                 token_classes: int | None = None, stem: str = "patch", out_channels: int | None = None):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim (the encoding dimension d) must be a positive integer, got {dim!r}")
-        super().__init__(size, dim + IMAGE_CHANNELS * image_conditioning, dim, token_classes, stem)
+        if out_channels is not None and (isinstance(out_channels, bool) or not isinstance(out_channels, int)
+                                         or out_channels < 2):
+            raise ValueError(f"out_channels must be an integer >= 2 or None (d), got {out_channels!r}")
+        super().__init__(size, dim + IMAGE_CHANNELS * image_conditioning, out_channels or dim, token_classes, stem)
         self.dim = dim
         self.image_conditioning = image_conditioning
 
@@ -379,13 +383,15 @@ def build_model(
     image_conditioning: bool = True,
     token_classes: int | None = None,
     stem: str = "patch",
+    out_channels: int | None = None,
 ) -> FieldTransformerBase:
-    """The velocity model (kind="flow", needs dim) or its discriminative twin (needs num_classes);
-    token_classes = N adds the token head (N logits per patch token) to either."""
+    """The flow model (kind="flow", needs dim; out_channels = N for class logits, default d) or its
+    discriminative twin (needs num_classes); token_classes = N adds the token head (N logits per patch
+    token) to either."""
     if kind == "flow":
         if dim is None:
             raise ValueError("build_model('flow', ...) needs dim, the encoding dimension d")
-        return PixelFieldTransformer(size, dim, image_conditioning, token_classes, stem)
+        return PixelFieldTransformer(size, dim, image_conditioning, token_classes, stem, out_channels)
     if kind == "discriminative":
         if num_classes is None:
             raise ValueError("build_model('discriminative', ...) needs num_classes")
