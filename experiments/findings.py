@@ -86,8 +86,9 @@ def convergence(results: Results) -> Convergence:
 
 def bounded_correction(results: Results, curves: dict[str, Curves]) -> list[Cells]:
     """The reshaped objective at the preset's other bounds on its correction (objective.correction_clip;
-    None: the paper's target, unbounded at lambda = 1) at the convergence budget on the ablation dataset, against
-    vanilla and the reference run of the same seeds: one row per bound; adds each run's curves to `curves`."""
+    None: the paper's target, unbounded at lambda = 1) at the convergence budget on the ablation dataset,
+    against vanilla and the reference run of the same seeds: one row per bound; adds each run's curves to
+    `curves`."""
     preset = results.preset
     dataset = preset.ablation_dataset
     vanilla, reshaped = (results.by_seed("train", dataset, name, "convergence") for name in (VANILLA, REFERENCE))
@@ -99,7 +100,8 @@ def bounded_correction(results: Results, curves: dict[str, Curves]) -> list[Cell
             continue
         test = {name: {s: runs[s]["test"]["miou"] for s in seeds}
                 for name, runs in (("bounded", bounded), ("reshaped", reshaped), ("vanilla", vanilla))}
-        label = "reshaped, the paper's correction (unbounded, lambda 1)" if c is None else f"reshaped, correction <= {c:g}"
+        label = ("reshaped, the paper's correction (unbounded, lambda 1)" if c is None
+                 else f"reshaped, correction <= {c:g}")
         rows.append([label, mean_sd([bounded[s]["curve"][-1]["miou"] for s in seeds]),
                      mean_sd(list(test["bounded"].values())),
                      mean_sd(paired_differences(test["bounded"], test["reshaped"])),
@@ -284,8 +286,8 @@ def generative_vs_discriminative(results: Results) -> GenerativeVsDiscriminative
     for _, flow, variant in models[:2]:
         diffs = paired_differences(values[variant], values[DISCRIMINATIVE])
         verdicts.append(Verdict(f"generative ({flow}) >= discriminative at equal size and training time",
-                                "FlowSeg 47.1 vs SegFormer-B2 46.5 (other architectures)", f"{mean_sd(diffs)} mIoU points",
-                                judge(diffs, len(results.preset.seeds))))
+                                "FlowSeg 47.1 vs SegFormer-B2 46.5 (other architectures)",
+                                f"{mean_sd(diffs)} mIoU points", judge(diffs, len(results.preset.seeds))))
     return GenerativeVsDiscriminative(rows, verdicts)
 
 

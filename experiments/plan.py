@@ -143,7 +143,8 @@ def variants(preset: Preset) -> dict[str, Variant]:
         Variant("no-image-conditioning", ("model.image_conditioning=false",)),
         Variant(PAPER_NETWORK, ("model.stem=patch", "model.token_head=false")),
         *(Variant(f"encoding={name}", (f"model.encoding={name}",)) for name in preset.encodings[1:]),
-        Variant(CATEGORICAL, ("objective.kind=categorical", f"objective.t_zero_fraction={CATEGORICAL_T_ZERO_FRACTION}")),
+        Variant(CATEGORICAL, ("objective.kind=categorical",
+                              f"objective.t_zero_fraction={CATEGORICAL_T_ZERO_FRACTION}")),
         Variant(DISCRIMINATIVE, ("model.kind=discriminative",)),  # steps: set for equal time at run time
     ]
     return {variant.name: variant for variant in table}

@@ -245,7 +245,7 @@ def test_objective_rejects_bad_input():
         ObjectiveConfig(t_zero_fraction=1.5)
     with pytest.raises(ValueError, match="token_loss_weight must be >= 0"):
         ObjectiveConfig(token_loss_weight=-1.0)
-    with pytest.raises(ValueError, match="the categorical objective's network outputs class logits: leave it at 'v', got 'x'"):
+    with pytest.raises(ValueError, match="network outputs class logits: leave it at 'v', got 'x'"):
         ObjectiveConfig(kind="categorical", parameterization="x")
     categorical = FlowMatchingObjective(enc, ObjectiveConfig(kind="categorical"))
     with pytest.raises(ValueError, match=r"scores 7 class logits per pixel, got an output of shape \(3, 3, 4, 5\)"):
