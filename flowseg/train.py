@@ -1,4 +1,4 @@
-"""Training: flow matching (vanilla or reshaped) or the discriminative twin, on one process or many.
+"""Training: flow matching (vanilla, reshaped or categorical) or the discriminative twin, on one process or many.
 
 One optimizer step s:
     lr_s   = lr * min(1, (s + 1) / warmup) * [r + (1 - r) (1 + cos(pi * progress)) / 2]     (cosine)
