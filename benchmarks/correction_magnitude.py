@@ -27,8 +27,8 @@ QUANTILES = (0.5, 0.9, 0.99, 0.999)
 @torch.no_grad()
 def measure(checkpoint: str, images: int) -> str:
     segmenter, info = load_segmenter(checkpoint, ["eval.use_ema=false"])
-    if segmenter.encoding is None:
-        raise SystemExit(f"{checkpoint}: a discriminative checkpoint has no correction to measure")
+    if segmenter.encoding is None or segmenter.config.objective.kind == "categorical":
+        raise SystemExit(f"{checkpoint}: a discriminative or categorical checkpoint has no correction to measure")
     config = segmenter.config
     # every draw at t = 0 and no clip: the correction the paper's target would ask for
     settings = dataclasses.replace(config.objective, kind="reshaped", t_zero_fraction=1.0,

@@ -31,8 +31,8 @@ VARIANTS = {
     "vanilla": ["objective.kind=vanilla"],
     "reshaped": [],
     "unbounded": ["objective.correction_clip=null", "objective.lam=1.0"],  # the paper's target
-    "clip0.25": ["objective.correction_clip=0.25"],
-    "clip1": ["objective.correction_clip=1.0"],
+    "clip0.25": ["objective.correction_clip=0.25", "objective.lam=1.0"],  # bounds of docs/core.md's lambda = 1 table
+    "clip1": ["objective.correction_clip=1.0", "objective.lam=1.0"],
     "repa": ["repa.teacher=efficientnet-lite0"],
     # the demo recipe's add-ons, one at a time (on datasets whose recipe has them)
     "no-token-loss": ["model.token_head=false"],

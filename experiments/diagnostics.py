@@ -28,7 +28,7 @@ from torch import Tensor
 from flowseg.encoding import IGNORE_INDEX, CategoryEncoding
 from flowseg.flow import image_to_x0
 from flowseg.correction import distance_correction
-from flowseg.objective import FlowMatchingObjective, ObjectiveConfig
+from flowseg.objective import FlowMatchingObjective, ObjectiveConfig, bounded
 from flowseg.sampling import VelocityFn, integrate
 
 NEAR_FRACTION = 0.25  # "near its centroid": closer than this fraction of the encoding's minimum spacing
@@ -163,14 +163,14 @@ class FieldPicture:
     vanilla: np.ndarray         # (2, G, G) velocity error field, [component, y, x]
     reshaped: np.ndarray        # (2, G, G)
     t: float
-    objective: ObjectiveConfig  # the correction's transform, tau, eps and lambda
+    objective: ObjectiveConfig  # the correction's transform, tau, eps, lambda and bound
 
 
 def field_picture(encoding: CategoryEncoding, true_class: int, t: float = 0.5, objective: ObjectiveConfig | None = None,
                   extent: float = 1.3, points: int = 81) -> FieldPicture:
     """The vanilla and reshaped velocity-error fields over a grid of clean estimates x in [-extent,
     extent]^2 (module docstring), for a 2-d encoding and one true class; the correction uses the
-    objective's transform, tau, eps and (static) lambda, by default ObjectiveConfig()'s."""
+    objective's transform, tau, eps, (static) lambda and bound, by default ObjectiveConfig()'s."""
     objective = objective or ObjectiveConfig()
     if encoding.dim != 2:
         raise ValueError(f"the field picture needs a 2-d encoding, got dim={encoding.dim}")
@@ -185,5 +185,5 @@ def field_picture(encoding: CategoryEncoding, true_class: int, t: float = 0.5, o
     labels = torch.full((1, points, points), true_class, dtype=torch.int64)
     vanilla = (mu[true_class].view(1, 2, 1, 1) - x) / (1 - t)
     grad = distance_correction(x, labels, mu, objective.tau, objective.eps, objective.transform)
-    return FieldPicture(grid.numpy(), mu.numpy(), true_class, vanilla[0].numpy(),
-                        (vanilla - objective.lam * grad)[0].numpy(), t, objective)
+    reshaped = vanilla - bounded(objective.lam * grad, objective.correction_clip)
+    return FieldPicture(grid.numpy(), mu.numpy(), true_class, vanilla[0].numpy(), reshaped[0].numpy(), t, objective)

@@ -268,11 +268,10 @@ def generative_vs_discriminative(results: Results) -> GenerativeVsDiscriminative
     cases = results.cost["cases"] if results.cost else {}
     params = {"flow": cases["train/reshaped"]["parameters"],
               "discriminative": cases["train/discriminative"]["parameters"]} if cases else {}
-    models = (("generative (reshaped flow)", "reshaped flow", REFERENCE),
-              ("generative (categorical flow)", "categorical flow", CATEGORICAL),
-              ("discriminative twin (cross-entropy)", None, DISCRIMINATIVE))
+    models = (("generative (reshaped flow)", REFERENCE), ("generative (categorical flow)", CATEGORICAL),
+              ("discriminative twin (cross-entropy)", DISCRIMINATIVE))
     rows, values = [], {}
-    for label, _, variant in models:
+    for label, variant in models:
         runs = results.runs(dataset, variant, "ablation")
         done = [r for r in runs if r["status"] == "done"]
         values[variant] = results.test_miou(dataset, variant, "ablation")
@@ -282,12 +281,14 @@ def generative_vs_discriminative(results: Results) -> GenerativeVsDiscriminative
         rows.append([label, size, mean_sd([r["steps"] for r in done], 1.0, 0),
                      mean_sd([r["train_seconds"] for r in done], 1.0, 1), mean_sd(list(values[variant].values())),
                      status_note(runs)])
+    # the paper's claim is about its (reshaped) flow; the categorical flow trains the reference's steps
+    claims = ((REFERENCE, "generative >= discriminative at equal size and training time",
+               "FlowSeg 47.1 vs SegFormer-B2 46.5 (other architectures)"),
+              (CATEGORICAL, "categorical flow >= discriminative, at the reference flow's steps", "not in the paper"))
     verdicts = []
-    for _, flow, variant in models[:2]:
+    for variant, claim, paper in claims:
         diffs = paired_differences(values[variant], values[DISCRIMINATIVE])
-        verdicts.append(Verdict(f"generative ({flow}) >= discriminative at equal size and training time",
-                                "FlowSeg 47.1 vs SegFormer-B2 46.5 (other architectures)",
-                                f"{mean_sd(diffs)} mIoU points", judge(diffs, len(results.preset.seeds))))
+        verdicts.append(Verdict(claim, paper, f"{mean_sd(diffs)} mIoU points", judge(diffs, len(results.preset.seeds))))
     return GenerativeVsDiscriminative(rows, verdicts)
 
 

@@ -134,7 +134,8 @@ class Page:
             t_draws=t_draws(ObjectiveConfig()), signal_rows=table_rows(found.signal_rows), steps=found.sampler_steps,
             traversal_rows=table_rows(found.traversal_rows), field_classes=findings.FIELD_CLASSES,
             transform=TRANSFORM_LABELS[objective.transform], tau=f"{objective.tau:g}", eps=f"{objective.eps:g}",
-            lam=f"{objective.lam:g}", t=f"{found.picture.t:g}", near_gain=f"{found.near_gain:.1f}")
+            lam=f"{objective.lam:g}", t=f"{found.picture.t:g}", near_gain=f"{found.near_gain:.1f}",
+            bound="no bound" if objective.correction_clip is None else f"bounded at {objective.correction_clip:g}")
 
     def cost(self, found: findings.Cost | None) -> str:
         if found is None:

@@ -327,8 +327,9 @@ class Runner:
                                      self.preset.diag_draws, min(1.0, step / config.train.steps), seed=spec.seed)
             signal.append({"step": step, **asdict(profile)})
         segmenter, _ = load_segmenter(final)
-        sampled = sampled_traversal(lambda x_t, t, img: segmenter.model(x_t, t, img).out, segmenter.encoding,
-                                    image, labels, config.eval.steps)
+        sampled = sampled_traversal(
+            lambda x_t, t, img: segmenter.objective.velocity(segmenter.model(x_t, t, img).out, x_t, t),
+            segmenter.encoding, image, labels, config.eval.steps)
         straight = straight_traversal(segmenter.encoding, image, labels, config.eval.steps)
         self.release_checkpoints(spec)
         return {"key": spec.key, "status": "done", "images": image.shape[0], "signal": signal,

@@ -31,6 +31,8 @@ EVAL_DATA_SEED = 0  # generated validation/test splits are the same for every ru
 # weights that checkpoints of earlier versions lack and whose zero is what those versions computed: the
 # trunk's null embedding y_0 (c = SiLU(e_t + y_0); before it, c = SiLU(e_t))
 ZERO_WHEN_MISSING = ("null_embedding",)
+# the objective's settings that say what a flow network outputs (v, x1_hat or class logits): fixed by its weights
+OUTPUT_SETTINGS = ("kind", "parameterization")
 
 
 def build_network(config: Config, num_classes: int) -> tuple[nn.Module, CategoryEncoding | None]:
@@ -101,7 +103,8 @@ def with_earlier_defaults(model: nn.Module, state: dict[str, Tensor]) -> dict[st
 def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> TrainedModel:
     """The network of a checkpoint (a checkpoint folder, or a run folder: its newest checkpoint) with
     the EMA weights, or the raw ones when eval.use_ema is false, and the encoding it was trained with;
-    `overrides` adjust the saved config (eval.*, data.*, ...) but not model.*, which the weights fix."""
+    `overrides` adjust the saved config (eval.*, data.*, ...) but not model.*, which the weights fix, nor
+    objective.kind and objective.parameterization, which say what the network's output is."""
     info = read_checkpoint(checkpoint)
     origin = f"config of checkpoint {info.path}"
     saved = config_from_yaml(info.config_yaml, origin=origin)
@@ -109,11 +112,13 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Train
     # messages name the saved model, not the overridden one: that is what the weights were made for
     source = (f"checkpoint {info.path} (model.kind={saved.model.kind}, model.size={saved.model.size}, "
               f"{info.num_classes} classes)")
-    before, now = vars(saved.model), vars(config.model)
-    changed = [f"model.{key}: {before[key]!r} -> {now[key]!r}" for key in before if before[key] != now[key]]
+    fixed = [*((f"model.{key}", value, getattr(config.model, key)) for key, value in vars(saved.model).items()),
+             *((f"objective.{key}", getattr(saved.objective, key), getattr(config.objective, key))
+               for key in OUTPUT_SETTINGS)]
+    changed = [f"{key}: {before!r} -> {now!r}" for key, before, now in fixed if before != now]
     if changed:
         raise ValueError(f"{source} does not fit this model ({'; '.join(changed)}): the model.* settings of a "
-                         "trained network cannot be overridden")
+                         f"trained network cannot be overridden, nor {' and '.join(f'objective.{key}' for key in OUTPUT_SETTINGS)}")
     model, _ = build_network(saved, info.num_classes)
     weights = load_weights(info.path, "ema" if config.eval.use_ema else "model")
     fit_state_dict(model, with_earlier_defaults(model, weights), source)

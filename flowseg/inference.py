@@ -35,8 +35,8 @@ patch row or column of the rolled image) takes only the passes without that seam
 least. k^2 passes cost k^2 times the inference.
 
 Settings. Everything a Segmenter does is read from the config's eval section (steps, sampler, mode,
-eval.precision for autocast), data.image_size and the objective's tau, eps and T; none of it from the
-train section. Where it runs is the caller's choice, passed as `device`: flowseg.build.load_segmenter
+eval.precision for autocast), data.image_size and the objective's kind, parameterization (what the
+network outputs), tau, eps and T; none of it from the train section. Where it runs is the caller's choice, passed as `device`: flowseg.build.load_segmenter
 resolves eval.device, the trainer validates on each rank's own device.
 """
 
@@ -125,8 +125,11 @@ class Segmenter:
             def velocity(x: Tensor, t: Tensor, img: Tensor) -> Tensor:
                 out = self.model(x, t, img, query_scale=scale).out.float()
                 if categorical:
-                    # the last call at each t_i is at the state x_i (Heun's predictor at t_i comes before it)
-                    posteriors[round(float(t[0]) * steps)] = out.softmax(1)
+                    # the last call at each t_i is at the state x_i (Heun's predictor at t_i comes before it);
+                    # without every_step only the answer's, at t_{S-1}, is kept
+                    index = round(float(t[0]) * steps)
+                    if every_step or index == steps - 1:
+                        posteriors[index] = out.softmax(1)
                 return self.objective.velocity(out, x, t)
 
             sample = integrate(velocity, image_to_x0(image, self.encoding.dim), image, steps,

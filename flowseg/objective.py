@@ -16,7 +16,7 @@ without a bound): near a wrong centroid at distance r the unbounded -log correct
 The categorical objective (variational flow matching, Eijkelboom et al. 2024) has the network output
 logits z (B, N, H, W) of p_theta(x_1 = mu_k | x_t, t, I) instead of v, on the same path:
 
-    x1_hat = sum_k p_k mu_k,   v = (x1_hat - x_t) / (1 - t),   L = -mean over labelled pixels of log p_label
+    x1_hat = sum_k p_k mu_k,   v = (x1_hat - x_t) / max(1 - t, 0.05),   L = -mean over labelled pixels of log p_label
 
 On the straight path x_1 - x_0 = (x_1 - x_t) / (1 - t), so E[v* | x_t, I] = (E[x_1 | x_t, I] - x_t) / (1 - t):
 a p_theta that matches the true posterior gives the flow matching optimum. The loss is the
@@ -91,10 +91,16 @@ class ObjectiveConfig:
         for field in ("lam", "token_loss_weight", "x0_noise"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"ObjectiveConfig.{field} must be >= 0, got {getattr(self, field)!r}")
-        if self.kind == "categorical" and self.parameterization != "v":
-            raise ValueError("ObjectiveConfig.parameterization applies to a network that outputs v or x1_hat; "
-                             "the categorical objective's network outputs class logits: leave it at 'v', got "
-                             f"{self.parameterization!r}")
+        if self.kind == "categorical":
+            # settings with no meaning for class logits trained by cross-entropy, refused rather than ignored
+            for field, value, meaning in (
+                ("parameterization", "v", "applies to a network that outputs v or x1_hat"),
+                ("mask_ignore", True, "false trains ignore pixels towards 0, and cross-entropy has no target there"),
+                ("lam_schedule", "constant", "schedules the correction, which the categorical objective has not"),
+            ):
+                if getattr(self, field) != value:
+                    raise ValueError(f"ObjectiveConfig.{field} {meaning}; with kind='categorical' leave it at "
+                                     f"{value!r}, got {getattr(self, field)!r}")
         if self.correction_clip is not None and not self.correction_clip > 0:
             raise ValueError(f"ObjectiveConfig.correction_clip must be > 0 or None, got {self.correction_clip!r}")
         if not 0.0 <= self.t_zero_fraction <= 1.0:
@@ -123,6 +129,14 @@ class FlowTargets:
     x1_hat: Tensor       # (B, d, H, W) clean estimate, detached
     valid: Tensor        # (B, H, W) bool, pixels with a class label
     weight: Tensor       # (B, H, W) float, 1 where the pixel counts in the loss
+
+
+def bounded(correction: Tensor, clip: float | None) -> Tensor:
+    """clip_c(lambda g) = lambda g min(1, c / ||lambda g||) per pixel of (B, d, H, W); unchanged for c = None."""
+    if clip is None:
+        return correction
+    norm = correction.norm(dim=1, keepdim=True)  # (B, 1, H, W)
+    return correction * (clip / norm.clamp_min(clip))
 
 
 def _masked_mean(values: Tensor, weight: Tensor) -> Tensor:
@@ -186,18 +200,14 @@ class FlowMatchingObjective:
             if cfg.kind == "reshaped" and lam > 0:
                 grad = distance_correction(x1_hat, path.labels, self.encoding.centroids, cfg.tau, cfg.eps,
                                            cfg.transform, cfg.class_chunk)
-                correction = lam * grad  # (B, d, H, W)
-                if cfg.correction_clip is not None:
-                    norm = correction.norm(dim=1, keepdim=True)  # (B, 1, H, W)
-                    correction *= cfg.correction_clip / norm.clamp_min(cfg.correction_clip)
-                v_target = v_star - correction
+                v_target = v_star - bounded(lam * grad, cfg.correction_clip)
         weight = path.valid.to(v_star.dtype) if cfg.mask_ignore else torch.ones_like(path.valid, dtype=v_star.dtype)
         return FlowTargets(path.t, v_pred, v_star, v_target, x1_hat, path.valid, weight)
 
     def loss(self, output: Tensor, path: PathSample, progress: float = 0.0) -> LossOutput:
         """L for a network output on path.x_t, with the plain flow matching loss and the mean correction
         norm as metrics; for the categorical objective the cross-entropy of the logits (B, N, H, W)
-        against the labels, over labelled pixels (it has no target at an ignore pixel, masked or not)."""
+        against the labels, over labelled pixels."""
         if self.config.kind == "categorical":
             if output.shape[1] != self.encoding.num_classes:
                 raise ValueError(f"the categorical objective scores {self.encoding.num_classes} class logits "

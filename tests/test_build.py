@@ -121,6 +121,13 @@ def test_model_settings_of_a_checkpoint_cannot_be_overridden(random_checkpoint):
     with pytest.raises(ValueError, match=r"does not fit this model \(model\.encoding: 'random' -> 'rd'\): the "
                                          r"model\.\* settings of a trained network cannot be overridden"):
         load_trained(random_checkpoint, ["model.encoding=rd"])
+    # nor what the network outputs: v read as x1_hat, or as class logits, would be sampled wrongly
+    for override in ("objective.parameterization=x", "objective.kind=categorical"):
+        key, value = override.split("=")
+        with pytest.raises(ValueError, match=rf"\({key}: '(v|reshaped)' -> '{value}'\).* nor objective\.kind and "
+                                             r"objective\.parameterization"):
+            load_trained(random_checkpoint, [override])
+    assert load_trained(random_checkpoint, ["objective.tau=0.7"]).config.objective.tau == 0.7
 
 
 def test_a_flow_checkpoint_without_centroids_is_refused(random_checkpoint, tmp_path):

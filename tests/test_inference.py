@@ -198,29 +198,43 @@ def test_every_step_gives_the_answer_of_the_integration_stopped_at_each_step(mod
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_an_x_prediction_model_is_integrated_through_its_clean_estimate(steps):
+    # Euler on v = (x1_hat - x) / (1 - t) lands on x1_hat = mu_f(label): p is the soft assignment of mu_f(label)
     segmenter = oracle_segmenter((2, 3, 0, 1), False, "objective.parameterization=x", oracle=OracleCleanEstimate)
     label = make_labels(count=1)[0]
     labelled = label != IGNORE_INDEX
-    predicted = segmenter.predict(paint(label)[None], steps=steps).labels[0]
-    assert torch.equal(predicted[labelled], torch.tensor([2, 3, 0, 1])[label[labelled]])
+    p = segmenter.probabilities(paint(label)[None], steps=steps)[0]  # (N, H, W)
+    objective = segmenter.config.objective
+    landed = segmenter.encoding.centroids[torch.tensor([2, 3, 0, 1])[label.clamp(max=3)]].permute(2, 0, 1)
+    expected = segmenter.encoding.soft_assign(landed[None], objective.tau, objective.eps, objective.transform)[0]
+    torch.testing.assert_close(p[:, labelled], expected[:, labelled])
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_a_categorical_flow_answers_its_last_posterior_not_the_nearest_centroid_of_its_mean(sampler):
+    # the oracle's posterior at t_i = i / 4 favours class label + i: the answer must be the one at the
+    # last state, t_3 (not x_0's, nor Heun's predictor call at t = 1), and every_step the one at each state
     segmenter = oracle_segmenter((0, 1, 2, 3), False, "objective.kind=categorical", f"eval.sampler={sampler}",
                                  oracle=OracleCategorical)
     labels = make_labels(count=2)
     image = torch.stack([paint(label) for label in labels])
-    steps = 3
-    p = segmenter.probabilities(image, steps)
-    expected = segmenter.model(None, torch.zeros(2), image).out.softmax(1)  # the oracle ignores x and t
     labelled = torch.stack(labels) != IGNORE_INDEX
-    torch.testing.assert_close(p.permute(0, 2, 3, 1)[labelled], expected.permute(0, 2, 3, 1)[labelled])
+    steps = 4
+
+    def posterior_at(i):
+        return segmenter.model(None, torch.full((2,), i / steps), image).out.softmax(1)
+
+    def at_labelled(p):  # (B, N, H, W) -> (pixels, N)
+        return p.permute(0, 2, 3, 1)[labelled]
+
+    p = segmenter.probabilities(image, steps)
+    torch.testing.assert_close(at_labelled(p), at_labelled(posterior_at(steps - 1)))
     # the test means something: some pixels' posterior mean is nearest a class other than the answer
-    mean_nearest = segmenter.encoding.decode(segmenter.encoding.posterior_mean(expected))
+    mean_nearest = segmenter.encoding.decode(segmenter.encoding.posterior_mean(p))
     assert (mean_nearest != p.argmax(1))[labelled].any()
     states = segmenter.probabilities(image, steps, every_step=True)
     assert states.shape == (2, steps + 1, NUM_CLASSES, 8, 12)
+    for i in range(steps):
+        torch.testing.assert_close(at_labelled(states[:, i]), at_labelled(posterior_at(i)))
     torch.testing.assert_close(states[:, -1], p)
 
 

@@ -194,15 +194,13 @@ def categorical_logits(labels, n, margin):
 @pytest.mark.parametrize("margin", [0.0, 2.0])
 def test_categorical_loss_is_the_cross_entropy_over_labelled_pixels(margin):
     # -log p_label = log(1 + (N - 1) e^-margin) at every labelled pixel (log N for zero logits); the
-    # ignore pixels' logits are garbage and must not count, masked or not
+    # ignore pixels' logits are garbage and must not count
     n = 7
     image, labels = make_batch(n)
-    for mask_ignore in (True, False):
-        objective = FlowMatchingObjective(build_encoding("kronecker", n),
-                                          ObjectiveConfig(kind="categorical", mask_ignore=mask_ignore))
-        out = objective.loss(categorical_logits(labels, n, margin), objective.sample_path(image, labels))
-        assert out.loss.item() == pytest.approx(math.log(1 + (n - 1) * math.exp(-margin)), rel=1e-9)
-        assert out.metrics["loss_ce"].item() == pytest.approx(out.loss.item())
+    objective = FlowMatchingObjective(build_encoding("kronecker", n), ObjectiveConfig(kind="categorical"))
+    out = objective.loss(categorical_logits(labels, n, margin), objective.sample_path(image, labels))
+    assert out.loss.item() == pytest.approx(math.log(1 + (n - 1) * math.exp(-margin)), rel=1e-9)
+    assert out.metrics["loss_ce"].item() == pytest.approx(out.loss.item())
 
 
 def test_categorical_velocity_is_the_straight_velocity_for_a_sure_class_and_points_at_the_mean_for_uniform_p():
@@ -245,8 +243,9 @@ def test_objective_rejects_bad_input():
         ObjectiveConfig(t_zero_fraction=1.5)
     with pytest.raises(ValueError, match="token_loss_weight must be >= 0"):
         ObjectiveConfig(token_loss_weight=-1.0)
-    with pytest.raises(ValueError, match="network outputs class logits: leave it at 'v', got 'x'"):
-        ObjectiveConfig(kind="categorical", parameterization="x")
+    for setting, value in (("parameterization", "x"), ("mask_ignore", False), ("lam_schedule", "annealed")):
+        with pytest.raises(ValueError, match=rf"ObjectiveConfig\.{setting} .*with kind='categorical' leave it at"):
+            ObjectiveConfig(kind="categorical", **{setting: value})
     categorical = FlowMatchingObjective(enc, ObjectiveConfig(kind="categorical"))
     with pytest.raises(ValueError, match=r"scores 7 class logits per pixel, got an output of shape \(3, 3, 4, 5\)"):
         categorical(zero_model, image, labels)

@@ -168,8 +168,8 @@ def test_twin_and_categorical_flow_learn_a_small_training_set(tmp_path, model):
             losses.append(record["loss"])
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     assert result.validation.pixel_accuracy > 0.8
-    segmenter, _ = load_segmenter(result.checkpoint)  # the flow rebuilds with its N-logit output
-    assert segmenter.model.field.out.out_features == 7
+    if model == "objective.kind=categorical":  # the flow rebuilds with its N-logit output
+        assert load_segmenter(result.checkpoint)[0].model.field.out.out_features == 7
 
 
 @pytest.mark.parametrize("kind", ["flow", "discriminative"])
