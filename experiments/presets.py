@@ -16,16 +16,17 @@ loss) validation mIoU leaves the constant-prediction floor after about 200 steps
 
 quick   convergence 500 steps on both datasets, ablations 200 steps, every ablation row: shows that
         every run trains and every section is written; the ablations are at the start of the takeoff.
-        30 tasks in 11.9 min on a 2-core machine (docs/notes/2026-12-04-full-preset-800.md).
+        30 tasks in 11.9 min on a 2-core machine (docs/notes/2026-12-04-full-preset-800.md); the
+        categorical flow's row adds one.
 full    convergence 1000 steps on both datasets (vanilla, reshaped, and on mnist-seg the paper's
-        unbounded correction), ablations 800 steps (the reference run clears 0.5 test mIoU there; at
+        unbounded correction at lambda 1), ablations 800 steps (the reference run clears 0.5 test mIoU there; at
         500 it did not), 3 seeds. To fit 100 minutes it trains fewer rows than quick: the encodings
         Kronecker and one-hot only (not rd, lattice, random: the paper's baseline set is not
         recoverable; not bits, for time), no eps sweep (eps is not a claim of the paper) and no
         ignore-masking group (on 32-px mnist-seg a 1-px band on each side of a 2-3 px stroke leaves
-        almost no digit: both rows sat at the floor). 79.4 min on a 2-core machine, ~98 at the rate of
-        a slower one; the runs behind these budgets: docs/notes/2026-12-04-full-preset.md and
-        docs/notes/2026-12-04-full-preset-800.md.
+        almost no digit: both rows sat at the floor). 70 tasks in about 89 min on a 2-core machine
+        (docs/notes/2026-12-05-categorical.md); the runs behind these budgets:
+        docs/notes/2026-12-04-full-preset.md and docs/notes/2026-12-04-full-preset-800.md.
 
 The time each preset took (and so whether it still fits its minutes) is on the results page, under
 *Time spent*.
