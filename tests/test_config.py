@@ -103,7 +103,7 @@ def test_wrong_type_names_the_key_and_value():
     ("eval.sampler=rk4", r"eval\.sampler must be one of"),
     ("model.stem=mlp", r"model\.stem must be one of \('patch', 'conv'\), got 'mlp'"),
     ("eval.sweep=[]", r"eval\.sweep must be a non-empty list"),
-    ("objective.kind=other", r"kind must be one of \('vanilla', 'reshaped'\)"),
+    ("objective.kind=other", r"kind must be one of \('vanilla', 'reshaped', 'categorical'\)"),
     ("train.grad_accum=3", r"batch_size \(32\) must be divisible by train\.grad_accum \(3\)"),
 ])
 def test_values_out_of_range_are_rejected(override, message):
