@@ -117,8 +117,9 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Train
                for key in OUTPUT_SETTINGS)]
     changed = [f"{key}: {before!r} -> {now!r}" for key, before, now in fixed if before != now]
     if changed:
+        fixed_objective = " and ".join(f"objective.{key}" for key in OUTPUT_SETTINGS)
         raise ValueError(f"{source} does not fit this model ({'; '.join(changed)}): the model.* settings of a "
-                         f"trained network cannot be overridden, nor {' and '.join(f'objective.{key}' for key in OUTPUT_SETTINGS)}")
+                         f"trained network cannot be overridden, nor {fixed_objective}")
     model, _ = build_network(saved, info.num_classes)
     weights = load_weights(info.path, "ema" if config.eval.use_ema else "model")
     fit_state_dict(model, with_earlier_defaults(model, weights), source)

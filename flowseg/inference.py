@@ -36,8 +36,9 @@ least. k^2 passes cost k^2 times the inference.
 
 Settings. Everything a Segmenter does is read from the config's eval section (steps, sampler, mode,
 eval.precision for autocast), data.image_size and the objective's kind, parameterization (what the
-network outputs), tau, eps and T; none of it from the train section. Where it runs is the caller's choice, passed as `device`: flowseg.build.load_segmenter
-resolves eval.device, the trainer validates on each rank's own device.
+network outputs), tau, eps and T; none of it from the train section. Where it runs is the caller's
+choice, passed as `device`: flowseg.build.load_segmenter resolves eval.device, the trainer validates on
+each rank's own device.
 """
 
 from __future__ import annotations

@@ -1,16 +1,24 @@
-"""Classification losses: the discriminative twin's per-pixel cross-entropy, and the auxiliary token loss
-that either model can add (the flow matching objective is in objective.py).
+"""Classification losses: the discriminative twin's per-pixel cross-entropy (which the categorical flow
+objective uses too), and the auxiliary token loss that either model can add (the flow matching objective
+is in objective.py); and LossOutput, what every loss returns.
 
 Labels (B, H, W) hold class ids in [0, N) or IGNORE_INDEX; the datasets check them where they are read.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from flowseg.encoding import IGNORE_INDEX
-from flowseg.objective import LossOutput
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor                  # scalar, differentiable
+    metrics: dict[str, Tensor]    # detached scalars for logging; reading one waits for the device
 
 
 def discriminative_loss(logits: Tensor, labels: Tensor) -> LossOutput:

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flowseg.correction import distance_correction
+from flowseg.losses import LossOutput, discriminative_loss
 from flowseg.encoding import IGNORE_INDEX, TRANSFORMS, CategoryEncoding, check_chunk
 from flowseg.flow import (
     PARAMETERIZATIONS, interpolate, noisy_x0, sample_t, target_velocity, to_clean_estimate, to_velocity,
@@ -45,12 +45,6 @@ from flowseg.flow import (
 Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, image) -> output: v, x1_hat or logits
 KINDS = ("vanilla", "reshaped", "categorical")
 LAM_SCHEDULES = ("constant", "annealed")
-
-
-@dataclass
-class LossOutput:
-    loss: Tensor                  # scalar, differentiable
-    metrics: dict[str, Tensor]    # detached scalars for logging; reading one waits for the device
 
 
 @dataclass
@@ -212,9 +206,7 @@ class FlowMatchingObjective:
             if output.shape[1] != self.encoding.num_classes:
                 raise ValueError(f"the categorical objective scores {self.encoding.num_classes} class logits "
                                  f"per pixel, got an output of shape {tuple(output.shape)}")
-            count = path.valid.sum().clamp_min(1)
-            ce = F.cross_entropy(output, path.labels, ignore_index=IGNORE_INDEX, reduction="sum") / count
-            return LossOutput(ce, {"loss_ce": ce.detach()})
+            return discriminative_loss(output, path.labels)  # the twin's cross-entropy, here on x_t
         f = self.targets_for(output, path, progress)
         loss = _masked_mean((f.v_pred - f.v_target).square().sum(1), f.weight)
         with torch.no_grad():

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from flowseg.config import RepaConfig
 from flowseg.models.teachers import load_teacher
-from flowseg.objective import LossOutput
+from flowseg.losses import LossOutput
 
 PIXNERD_ALIGN_BLOCK = 8  # PixNerd aligns the output of its 8th block (L/16 and XL/16)
 

@@ -54,10 +54,10 @@ from flowseg.distributed import DistContext, autocast, broadcast_float, cleanup,
 from flowseg.encoding import CategoryEncoding
 from flowseg.evaluate import evaluate_dataset, metrics_record
 from flowseg.inference import Segmenter
-from flowseg.losses import discriminative_loss, token_classification_loss
+from flowseg.losses import LossOutput, discriminative_loss, token_classification_loss
 from flowseg.metrics import SegmentationMetrics
 from flowseg.models.pixnerd import load_pixnerd_checkpoint
-from flowseg.objective import FlowMatchingObjective, LossOutput
+from flowseg.objective import FlowMatchingObjective
 from flowseg.repa import build_alignment
 from flowseg.runlock import RunLock
 
