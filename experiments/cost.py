@@ -5,6 +5,10 @@ Cases, all at the preset's model size, image size and ablation batch size, on on
     infer/flow-S (S sampler steps), infer/discriminative  labels for the batch
 Timing: `rounds` rounds, each timing `calls` calls of every case in turn, so a slow spell of a shared
 machine hits every case alike; a case's time is the median over rounds of its per-call time.
+Subnormal floats are flushed to zero while timing: dozens of steps on one batch drive some gradients
+into the subnormal range, where a CPU's matmuls run several times slower (the reshaped case then read
++27% over vanilla), while training on fresh batches does not get there (its step time is the same with
+and without flushing).
 Peak memory: after the timing (so one-time library set-up is done), every case is built afresh and
 called once. On CPU the figure is the growth of the process's peak resident set (VmHWM, reset just
 before, with freed heap pages handed back to the OS) over that span: weights, optimizer state and the
@@ -150,8 +154,12 @@ def measure_cost(preset: Preset, device: torch.device) -> dict:
     names = [*TRAIN_CASES, *inference_cases(preset)]
     built = {name: make_case(name, preset, image, labels, num_classes) for name in names}
     parameters = {name: count for name, (_, count) in built.items()}
-    seconds = time_cases({name: call for name, (call, _) in built.items()}, preset.cost_rounds,
-                         preset.cost_steps, device)
+    torch.set_flush_denormal(True)  # module docstring; a no-op where the CPU cannot flush
+    try:
+        seconds = time_cases({name: call for name, (call, _) in built.items()}, preset.cost_rounds,
+                             preset.cost_steps, device)
+    finally:
+        torch.set_flush_denormal(False)  # the process default
     del built  # the memory probes build every case afresh, after one warm-up each above
     memory = {name: peak_memory(name, preset, image, labels, num_classes) for name in names}
     cases = {name: {"seconds_per_call": seconds[name], "images_per_second": batch / seconds[name],
