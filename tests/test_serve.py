@@ -20,7 +20,8 @@ from flowseg.serve.views import (Settings, UploadError, View, ViewerModel, chang
 def checkpoints(tmp_path_factory, train_tiny_checkpoint):
     root = tmp_path_factory.mktemp("serve")
     return (train_tiny_checkpoint(root / "flow", "mnist-seg"),
-            train_tiny_checkpoint(root / "twin", "mnist-seg", "model.kind=discriminative"))
+            train_tiny_checkpoint(root / "twin", "mnist-seg", "model.kind=discriminative"),
+            train_tiny_checkpoint(root / "categorical", "mnist-seg", "objective.kind=categorical"))
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,18 @@ def test_a_trajectory_over_its_memory_budget_is_drawn_at_a_smaller_size(models, 
     assert np.array_equal(small.labels, full.labels)  # the label map is still computed at full size
 
 
+def test_a_categorical_flows_frames_are_its_posteriors_ending_on_the_answer(models, checkpoints):
+    rgb = random_rgb(16, 16)
+    view = models[2].view(rgb, Settings(steps=3))
+    reference, _ = load_segmenter(checkpoints[2])
+    posteriors = reference.probabilities(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1,
+                                         steps=3, every_step=True)  # (1, 4, N, H, W): i = 0, 1, 2, then the answer
+    assert view.posterior and view.frames.shape == (3, 16, 16)
+    assert np.array_equal(view.frames, posteriors[0, :3].argmax(1).numpy())
+    assert np.array_equal(view.labels, view.frames[-1])
+    assert frame_caption(view, 2).startswith("the posterior p(x_1 | x_t) at t = 2/3 = 0.67")
+
+
 def test_the_twin_has_no_trajectory(models):
     view = models[1].view(random_rgb(12, 12), Settings())
     assert view.labels.shape == (12, 12) and view.frames is None and view.changes is None
@@ -125,6 +138,12 @@ def test_frames_captions_and_the_changes_picture():
     assert picture[0].tolist() == [[255, 255, 255], [170, 182, 170], [108, 85, 85]]
     still = View(frames[0], np.ones((1, 3), np.float32), frames[:1].repeat(2, axis=0), 0.0)
     assert still.changes.tolist() == [[0, 0, 0]] and changes_picture(still, palette)[0, 0].tolist() == [0, 35, 0]
+    # a categorical flow's 4 frames are its posteriors at t = 0, 1/4, 2/4, 3/4; the last is the answer
+    posterior = View(frames[3], np.ones((1, 3), np.float32), frames[:4], 0.0, posterior=True)
+    assert frame_caption(posterior, 0) == ("the posterior p(x_1 | x_t) at t = 0/4 = 0.00: the classes the network "
+                                           "gives the image before any step")
+    assert frame_caption(posterior, 3).startswith("the posterior p(x_1 | x_t) at t = 3/4 = 0.75: step 3 changed")
+    assert changes_summary(posterior).startswith("from x_0 to the answer, 100.0% of the pixels changed class")
 
 
 def test_downloads_are_the_indexed_label_png_and_the_overlay(tmp_path):
@@ -154,7 +173,11 @@ def test_the_pages_handlers_answer_for_every_model_and_say_what_went_wrong(model
         assert colours <= {tuple(colour) for colour in model.palette}
         assert labels_png.endswith(f"my_photo_model{index + 1}_labels.png") and overlay_png.endswith("_overlay.png")
         last, frame, caption, changes, summary = viewer.trajectory(view, index)
-        if model.is_flow:
+        if model.trained.config.objective.kind == "categorical":  # its posteriors at t = 0 and 1/2
+            assert last == 1 and np.array_equal(frame, labels)
+            assert caption.startswith("the posterior p(x_1 | x_t) at t = 1/2")
+            assert changes.shape == (10, 14, 3) and summary.startswith("from x_0 to the answer")
+        elif model.is_flow:
             assert last == 2 and np.array_equal(frame, labels) and caption.startswith("x_t at t = 2/2")
             assert changes.shape == (10, 14, 3) and summary.startswith("from x_0 to x_1")
         else:

@@ -8,8 +8,10 @@
 The trajectory of a flow model: every state x_{t_i}, t_i = i / S (i = 0..S), of the integration
 from x_0 = image to x_1 = mask, decoded as the answer is, p_k = softmax_k(T(||x_{t_i} - mu_k||^2) / tau)
 through the same grid shifts, resizing and windows (Segmenter.probabilities(every_step=True)), then
-argmax_k. Its last frame is the label map. It holds S+1 probability maps, so where those would pass
-TRAJECTORY_BYTES the frames are computed on the image scaled down to fit, and the label map apart.
+argmax_k. Its last frame is the label map. A categorical flow's frames are the argmax of the network's
+posterior p_theta(x_1 | x_{t_i}) at i = 0..S-1, the last of which is its answer. The trajectory holds
+up to S+1 probability maps, so where those would pass TRAJECTORY_BYTES the frames are computed on the
+image scaled down to fit, and the label map apart.
 """
 
 from __future__ import annotations
@@ -102,12 +104,13 @@ class View:
     confidence: np.ndarray      # (H, W) float32 max_k p_k
     frames: np.ndarray | None   # (S+1, h, w) int64: x_{t_i} decoded, i = 0..S; None for the discriminative twin
     seconds: float              # wall time of the model run
+    posterior: bool = False     # categorical flow: frames (S, h, w) are the posterior's argmax at i = 0..S-1
 
     @property
     def changes(self) -> np.ndarray | None:
-        """(h, w) int64: how many steps changed each pixel's class on the way from x_0 to x_1. On the
-        straight path from the image to the mask most pixels change once; 0 is a pixel whose colour
-        already decodes to its class, 2 or more one that passed through other classes."""
+        """(h, w) int64: how many steps changed each pixel's class on the way from x_0 to the answer.
+        On the straight path from the image to the mask most pixels change once; 0 is a pixel whose
+        colour (or first posterior) already gives its class, 2 or more one that passed through others."""
         if self.frames is None:
             return None
         return (self.frames[1:] != self.frames[:-1]).sum(axis=0)
@@ -170,16 +173,19 @@ class ViewerModel:
             confidence, labels = segmenter.probabilities(image).max(dim=1)
             return View(labels[0].cpu().numpy(), confidence[0].cpu().numpy(), None, time.perf_counter() - started)
         scale = trajectory_scale(image.shape[-2:], settings.steps, len(self.class_names))
+        # a categorical flow's every_step ends with its answer twice (at i = S-1 and as frame S): keep one
+        posterior = self.trained.config.objective.kind == "categorical"
+        kept = slice(None, -1 if posterior else None)
         if scale == 1.0:  # one run: the last state's p is the answer
-            confidences, frames = segmenter.probabilities(image, every_step=True)[0].max(dim=1)  # (S+1, H, W)
+            confidences, frames = segmenter.probabilities(image, every_step=True)[0, kept].max(dim=1)  # (frames, H, W)
             confidence, labels = confidences[-1], frames[-1]
         else:
             confidence, labels = segmenter.probabilities(image)[0].max(dim=0)
             size = [max(1, round(side * scale)) for side in image.shape[-2:]]
             small = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-            frames = segmenter.probabilities(small, every_step=True)[0].argmax(dim=1)  # (S+1, h, w)
+            frames = segmenter.probabilities(small, every_step=True)[0, kept].argmax(dim=1)  # (frames, h, w)
         return View(labels.cpu().numpy(), confidence.cpu().numpy(), frames.cpu().numpy(),
-                    time.perf_counter() - started)
+                    time.perf_counter() - started, posterior)
 
     def examples(self) -> list[tuple[str, np.ndarray]]:
         """(name, (H, W, 3) uint8) of the first EXAMPLES samples of the checkpoint's eval.split."""
@@ -213,10 +219,12 @@ def legend_html(labels: np.ndarray, class_names: Sequence[str], palette: np.ndar
 
 def frame_caption(view: View, index: int) -> str:
     """What frame `index` of the trajectory is, and how many pixels its step changed."""
-    steps = len(view.frames) - 1
-    text = f"x_t at t = {index}/{steps} = {index / steps:.2f}"
+    steps = len(view.frames) - (0 if view.posterior else 1)
+    state = "the posterior p(x_1 | x_t)" if view.posterior else "x_t"
+    text = f"{state} at t = {index}/{steps} = {index / steps:.2f}"
     if index == 0:
-        return f"{text}: the image's colours decoded to their nearest class centroids"
+        return f"{text}: " + ("the classes the network gives the image before any step" if view.posterior
+                              else "the image's colours decoded to their nearest class centroids")
     changed = (view.frames[index] != view.frames[index - 1]).mean()
     return f"{text}: step {index} changed the class of {100 * changed:.1f}% of the pixels"
 
@@ -232,7 +240,8 @@ def changes_picture(view: View, palette: np.ndarray) -> np.ndarray:
 
 def changes_summary(view: View) -> str:
     changes = view.changes
-    return (f"from x_0 to x_1, {100 * (changes > 0).mean():.1f}% of the pixels changed class, "
+    end = "the answer" if view.posterior else "x_1"
+    return (f"from x_0 to {end}, {100 * (changes > 0).mean():.1f}% of the pixels changed class, "
             f"{100 * (changes > 1).mean():.1f}% more than once (at most {int(changes.max())} times)")
 
 
