@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 
 from flowseg.correction import distance_correction
-from flowseg.losses import LossOutput, discriminative_loss
 from flowseg.encoding import IGNORE_INDEX, TRANSFORMS, CategoryEncoding, check_chunk
 from flowseg.flow import (
     PARAMETERIZATIONS, interpolate, noisy_x0, sample_t, target_velocity, to_clean_estimate, to_velocity,
 )
+from flowseg.losses import LossOutput, discriminative_loss
 
 Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, image) -> output: v, x1_hat or logits
 KINDS = ("vanilla", "reshaped", "categorical")
