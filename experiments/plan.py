@@ -66,7 +66,7 @@ class RunSpec:
         base = [
             f"data.image_size={p.image_size}", "data.augment=null", f"model.size={p.model_size}",
             f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.val_every={b.val_every}",
-            f"train.ckpt_every={b.val_every}", "train.keep_checkpoints=0", f"train.val_samples={p.val_samples}",
+            f"train.ckpt_every={b.val_every}", "train.keep_checkpoints=0", f"train.val_samples={b.val_samples}",
             f"train.seed={self.seed}", "train.progress=false", "train.tensorboard=false",
             f"optim.lr={p.lr}", f"optim.warmup_steps={b.warmup_steps}", "optim.weight_decay=0.0",
             "optim.ema_decay=0.999", "data.num_workers=0",

@@ -19,7 +19,8 @@ quick   convergence 500 steps on both datasets, ablations 200 steps, every ablat
         30 tasks in 11.9 min on a 2-core machine (docs/notes/2026-12-04-full-preset-800.md); the
         categorical flow's row adds one.
 full    convergence 1000 steps on both datasets (vanilla, reshaped, and on mnist-seg the paper's
-        unbounded correction at lambda 1), ablations 800 steps (the reference run clears 0.5 test mIoU
+        unbounded correction at lambda 1), validated on 200 images (on 64, one seed's speed-up moved by
+        up to 0.25x against the whole split: docs/notes/2026-12-05-speedup-noise.md), ablations 800 steps (the reference run clears 0.5 test mIoU
         there; at 500 it did not), 3 seeds. To fit 100 minutes it trains fewer rows than quick: the encodings
         Kronecker and one-hot only (not rd, lattice, random: the paper's baseline set is not
         recoverable; not bits, for time), no eps sweep (eps is not a claim of the paper) and no
@@ -43,10 +44,11 @@ class Budget:
     steps: int
     batch_size: int
     val_every: int       # validation (and checkpoint, read by the diagnostics) every val_every steps
+    val_samples: int     # validation images behind each validation
     warmup_steps: int
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "val_every"):
+        for name in ("steps", "batch_size", "val_every", "val_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Budget.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -64,7 +66,6 @@ class Preset:
     convergence: Budget              # 1. vanilla vs reshaped on every dataset (+ diagnostics, sampling steps),
                                      #    and the reshaped objective with each of correction_clips
     ablation: Budget                 # 2. ablations, 3. encodings, 5. the flow side of generative vs discriminative
-    val_samples: int                 # validation images behind each point of a convergence curve
     eval_samples: int                # test images behind each final mIoU
     sweep_samples: int               # test images of the sampling-step sweep
     diag_samples: int                # test images of the two failure-mode diagnostics
@@ -103,24 +104,24 @@ PRESETS: dict[str, Preset] = {
     for preset in (
         Preset(
             name="micro", minutes_target=1.0, seeds=(0,), workers=1, model_size="T/8", image_size=16,
-            convergence=Budget(steps=4, batch_size=2, val_every=2, warmup_steps=1),
-            ablation=Budget(steps=2, batch_size=2, val_every=2, warmup_steps=1),
-            val_samples=2, eval_samples=2, sweep_samples=2, diag_samples=2, diag_draws=1,
+            convergence=Budget(steps=4, batch_size=2, val_every=2, val_samples=2, warmup_steps=1),
+            ablation=Budget(steps=2, batch_size=2, val_every=2, val_samples=2, warmup_steps=1),
+            eval_samples=2, sweep_samples=2, diag_samples=2, diag_draws=1,
             cost_rounds=1, cost_steps=1, euler_sweep=(1, 2, 10), heun_sweep=(1,), cost_inference_steps=(1, 2),
             spacing_class_counts=(11, 19),
         ),
         Preset(
             name="quick", minutes_target=15.0, seeds=(0,), model_size="T/4", image_size=32, workers=2,
-            convergence=Budget(steps=500, batch_size=16, val_every=100, warmup_steps=50),
-            ablation=Budget(steps=200, batch_size=16, val_every=100, warmup_steps=20),
-            val_samples=32, eval_samples=64, sweep_samples=32, diag_samples=16, diag_draws=2,
+            convergence=Budget(steps=500, batch_size=16, val_every=100, val_samples=32, warmup_steps=50),
+            ablation=Budget(steps=200, batch_size=16, val_every=100, val_samples=32, warmup_steps=20),
+            eval_samples=64, sweep_samples=32, diag_samples=16, diag_draws=2,
             cost_rounds=3, cost_steps=3,
         ),
         Preset(
             name="full", minutes_target=100.0, seeds=(0, 1, 2), model_size="T/4", image_size=32, workers=2,
-            convergence=Budget(steps=1000, batch_size=16, val_every=100, warmup_steps=100),
-            ablation=Budget(steps=800, batch_size=16, val_every=400, warmup_steps=50),
-            val_samples=64, eval_samples=128, sweep_samples=64, diag_samples=32, diag_draws=4,
+            convergence=Budget(steps=1000, batch_size=16, val_every=100, val_samples=200, warmup_steps=100),
+            ablation=Budget(steps=800, batch_size=16, val_every=400, val_samples=64, warmup_steps=50),
+            eval_samples=128, sweep_samples=64, diag_samples=32, diag_draws=4,
             cost_rounds=5, cost_steps=5, epses=(), encodings=("kronecker", "onehot"), ignore_band=None,
         ),
     )

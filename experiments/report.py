@@ -87,7 +87,7 @@ class Page:
         bounded = self.fill("bounded correction", dataset=p.ablation_dataset, rows=table_rows(found.bounded_rows)) \
             if found.bounded_rows else ""
         return self.fill("convergence", model_size=p.model_size, steps=b.steps, batch_size=b.batch_size,
-                         val_samples=p.val_samples, val_every=b.val_every, eval_steps=p.eval_steps,
+                         val_samples=b.val_samples, val_every=b.val_every, eval_steps=p.eval_steps,
                          eval_samples=p.eval_samples, rows=table_rows(found.rows), bounded=bounded)
 
     def ablations(self, found: findings.Ablations, floor: float) -> str:
