@@ -21,8 +21,8 @@ from experiments.plan import (
 )
 from experiments.results import Results, mean_sd, paired_differences, ratio, status_note, steps_to_reach
 from experiments.verdicts import (
-    PAPER_ONE_STEP_SHARE, PAPER_SAMPLING, PAPER_SPEEDUP, Verdict, all_of_verdict, judge, measured_order,
-    one_step_verdict, order_verdict, seed_note, speed_verdict,
+    PAPER_ONE_STEP_SHARE, PAPER_SAMPLING, PAPER_SPEEDUP, Verdict, all_of_verdict, best_steps_verdict, judge,
+    measured_order, one_step_verdict, order_verdict, seed_note, speed_verdict,
 )
 from flowseg.encoding import ENCODINGS, build_encoding
 
@@ -241,11 +241,11 @@ def sampling(results: Results) -> Sampling | None:
                      "" if paper is None else f"{paper / PAPER_SAMPLING[10]:.3f}"])
     best = max(euler, key=lambda s: statistics.mean(euler[s]))
     one_share = ratio(statistics.mean(euler[1]), reference) if 1 in euler else math.nan
-    gain = 100 * (statistics.mean(euler[best]) - reference)
+    gains = [b - r for b, r in zip(euler[best], euler[preset.eval_steps])]  # per seed, sweeps in seed order
     verdicts = [
         Verdict(f"{preset.eval_steps} Euler steps are best", "10 best (47.1)",
-                f"best: {best} steps (+{gain:.1f} points over {preset.eval_steps})",
-                "agrees" if best == preset.eval_steps else "disagrees"),
+                f"best: {best} steps ({mean_sd(gains)} points over {preset.eval_steps})",
+                best_steps_verdict(best, preset.eval_steps, gains, len(sweeps))),
         Verdict("1 Euler step gives ~92% of the 10-step mIoU", f"{100 * PAPER_ONE_STEP_SHARE:.1f}%",
                 f"{100 * one_share:.1f}%", one_step_verdict(one_share)),
     ]

@@ -85,6 +85,17 @@ def all_of_verdict(verdicts: Sequence[str]) -> str:
     return "agrees" if all(v.startswith("agrees") for v in verdicts) else "inconclusive"
 
 
+def best_steps_verdict(best: int, claimed: int, gains: Sequence[float], seeds: int) -> str:
+    """The claim 'claimed Euler steps are best' when the best mean is at `best` steps, from the per-seed
+    gains of `best` over `claimed`: a gain within noise is no evidence against the claim."""
+    if best == claimed:
+        return "agrees" + seed_note(seeds)
+    beyond_noise = judge(gains, seeds)
+    if beyond_noise.startswith("agrees"):
+        return "disagrees" + seed_note(seeds)
+    return beyond_noise.replace("no difference", "agrees: tied")
+
+
 def one_step_verdict(one_step_share: float) -> str:
     """1 Euler step against the paper's ~92% of the 10-step mIoU."""
     if math.isnan(one_step_share):

@@ -22,7 +22,9 @@ from experiments.presets import Budget
 from experiments.report import read_blocks, t_draws, write_report
 from experiments.results import constant_prediction_miou, mean_sd, steps_to_reach
 from experiments.runner import COST_KEY, SESSIONS_FILE, flat_settings, result_path
-from experiments.verdicts import all_of_verdict, judge, one_step_verdict, order_verdict, speed_verdict
+from experiments.verdicts import (
+    all_of_verdict, best_steps_verdict, judge, one_step_verdict, order_verdict, speed_verdict,
+)
 from flowseg.config import load_config
 from flowseg.data import build_dataset
 from flowseg.encoding import IGNORE_INDEX, CategoryEncoding, build_encoding
@@ -241,6 +243,12 @@ def test_verdict_rules():
     assert speed_verdict(0.9, never=0, at_first=False) == "disagrees"
     assert speed_verdict(4.0, never=0, at_first=True).startswith("inconclusive: reached at the first validation")
     assert speed_verdict(None, never=2, at_first=False).startswith("disagrees: reshaped never reached")
+    # 10 steps against a best step count whose per-seed gain over it is noise, a clear gain, or nothing
+    assert best_steps_verdict(10, 10, [0.0, 0.0], seeds=2) == "agrees"
+    assert best_steps_verdict(100, 10, [0.002, -0.001, 0.0], seeds=3) == "inconclusive (within 2 s.e. over 3 seeds)"
+    assert best_steps_verdict(100, 10, [0.02, 0.03, 0.025], seeds=3) == "disagrees"
+    assert best_steps_verdict(20, 10, [0.01], seeds=1) == "disagrees (1 seed)"
+    assert best_steps_verdict(20, 10, [0.0, 0.0], seeds=2) == "agrees: tied"
     paper = ["a", "b", "c"]
     assert order_verdict({"a": 0.3, "b": 0.2, "c": 0.1}, paper, seeds=2) == "agrees"
     assert order_verdict({"a": 0.3, "b": 0.1, "c": 0.2}, paper, seeds=1) == "partly: a is best (1 seed)"
@@ -361,7 +369,7 @@ def test_page_from_made_up_results_quotes_them_and_judges_each_claim(fake_pages)
         "| 28.32 | seed 1 diverged at step 3 |",
         # 4: 1 step at 0.9 / 1.1 = 0.818 of 10 steps, outside the paper's 92% +- 5
         "| 1 Euler step gives ~92% of the 10-step mIoU | 92.3% | 81.8% | disagrees |",
-        "| 10 Euler steps are best | 10 best (47.1) | best: 10 steps (+0.0 points over 10) | agrees |",
+        "| 10 Euler steps are best | 10 best (47.1) | best: 10 steps (0.0 ± 0.0 points over 10) | agrees |",
         # 6: near-centroid signal 0.4 / 0.2 (x 1.1 in seed 1): 2x; traversing 30 and 31 % against 10 and 11 %
         "| reshaped / vanilla near-centroid signal: 2.00 ± 0.00x | agrees |",
         "| vanilla | 30.5 ± 0.7 | 15.2 ± 0.4 |", "| straight path | 20.0 ± 0.0 | 10.0 ± 0.0 |",
