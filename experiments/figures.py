@@ -55,7 +55,7 @@ def convergence_figure(curves: Mapping[str, Mapping[str, tuple[list[int], list[l
             _mean_band(ax, steps, [[100 * v for v in run] for run in runs], variant, colours[variant])
         ax.set(title=dataset, xlabel="training step", ylabel="validation mIoU (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower right", fontsize=8)  # rising curves leave the lower right corner empty
     save_figure(figure, path)
 
 

@@ -25,8 +25,8 @@ full    convergence 1000 steps on both datasets (vanilla, reshaped, and on mnist
         Kronecker and one-hot only (not rd, lattice, random: the paper's baseline set is not
         recoverable; not bits, for time), no eps sweep (eps is not a claim of the paper) and no
         ignore-masking group (on 32-px mnist-seg a 1-px band on each side of a 2-3 px stroke leaves
-        almost no digit: both rows sat at the floor). 70 tasks in about 89 min on a 2-core machine
-        (docs/notes/2026-12-05-categorical.md); the runs behind these budgets:
+        almost no digit: both rows sat at the floor). 70 tasks in 92.6 min on a 2-core machine
+        (docs/notes/2026-12-05-pooled-speedup.md); the runs behind these budgets:
         docs/notes/2026-12-04-full-preset.md and docs/notes/2026-12-04-full-preset-800.md.
 
 The time each preset took (and so whether it still fits its minutes) is on the results page, under
