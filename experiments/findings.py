@@ -63,6 +63,7 @@ def convergence(results: Results) -> Convergence:
                       for i, step in enumerate(steps)]
         pooled_reach = steps_to_reach(mean_curve, statistics.mean(finals["vanilla"].values()))
         pooled = steps[-1] / pooled_reach if pooled_reach else None
+        at_first = pooled_reach is not None and pooled_reach <= steps[0]
         never = [s for s in seeds if reach[s] is None]
         per_seed = ", ".join(f"{steps[-1] / reach[s]:.2f}x" if reach[s] else "never" for s in seeds)
         gap = paired_differences(finals["reshaped"], finals["vanilla"])
@@ -80,7 +81,7 @@ def convergence(results: Results) -> Convergence:
         here = (f"{pooled:.2f}x" if pooled else "never") + f" on the seed-averaged curves (per seed: {per_seed})"
         verdicts.append(Verdict(f"{dataset}: reshaped reaches vanilla's final mIoU about 2x sooner",
                                 f"{PAPER_SPEEDUP:g}x", here,
-                                speed_verdict(pooled, len(never), pooled_reach is not None and pooled_reach <= steps[0])))
+                                speed_verdict(pooled, len(never), at_first)))
     return Convergence(rows, curves, bounded_correction(results, curves), verdicts)
 
 

@@ -19,10 +19,11 @@ quick   convergence 500 steps on both datasets, ablations 200 steps, every ablat
         30 tasks in 11.9 min on a 2-core machine (docs/notes/2026-12-04-full-preset-800.md); the
         categorical flow's row adds one.
 full    convergence 1000 steps on both datasets (vanilla, reshaped, and on mnist-seg the paper's
-        unbounded correction at lambda 1), validated on 200 images (on 64, one seed's speed-up moved by
-        up to 0.25x against the whole split: docs/notes/2026-12-05-speedup-noise.md), ablations 800 steps (the reference run clears 0.5 test mIoU
-        there; at 500 it did not), 3 seeds. To fit 100 minutes it trains fewer rows than quick: the encodings
-        Kronecker and one-hot only (not rd, lattice, random: the paper's baseline set is not
+        unbounded correction at lambda 1), validated on 200 images (on the first 64 the seed-averaged
+        speed-up on mnist-seg read 1.31x against 1.18x on all 500:
+        docs/notes/2026-12-05-speedup-noise.md), ablations 800 steps (the reference run clears 0.5 test
+        mIoU there; at 500 it did not), 3 seeds. To fit 100 minutes it trains fewer rows than quick:
+        the encodings Kronecker and one-hot only (not rd, lattice, random: the paper's baseline set is not
         recoverable; not bits, for time), no eps sweep (eps is not a claim of the paper) and no
         ignore-masking group (on 32-px mnist-seg a 1-px band on each side of a 2-3 px stroke leaves
         almost no digit: both rows sat at the floor). 70 tasks in 92.6 min on a 2-core machine
