@@ -90,10 +90,12 @@ def best_steps_verdict(best: int, claimed: int, gains: Sequence[float], seeds: i
     gains of `best` over `claimed`: a gain within noise is no evidence against the claim."""
     if best == claimed:
         return "agrees" + seed_note(seeds)
-    beyond_noise = judge(gains, seeds)
-    if beyond_noise.startswith("agrees"):
+    gain = judge(gains, seeds)  # on the claim "best beats claimed"
+    if gain.startswith("agrees"):
         return "disagrees" + seed_note(seeds)
-    return beyond_noise.replace("no difference", "agrees: tied")
+    if gain.startswith("no difference"):
+        return "agrees: tied" + seed_note(seeds)
+    return gain  # inconclusive: within noise
 
 
 def one_step_verdict(one_step_share: float) -> str:
